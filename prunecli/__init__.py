@@ -1,0 +1,53 @@
+"""prunecli: structured compression of transformer LLMs.
+
+The public API is imported lazily so that ``import prunecli`` stays light (no Typer, no
+transformers model classes)::
+
+    import prunecli
+    loaded = prunecli.load_model("smollm2-135m")
+    calib = prunecli.calibration_windows(loaded.tokenizer, "emma.txt", nsamples=128, seqlen=128)
+    result = prunecli.prune(loaded.model, prunecli.FlapConfig(sparsity=0.2), calib)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "prune": "prunecli.api",
+    "PruneResult": "prunecli.api",
+    "build_graph": "prunecli.graph",
+    "DependencyGraph": "prunecli.graph",
+    "Plan": "prunecli.engine",
+    "apply_plan": "prunecli.engine",
+    "replay_plan": "prunecli.engine",
+    "load_model": "prunecli.models",
+    "save_checkpoint": "prunecli.checkpoint",
+    "calibration_windows": "prunecli.data",
+    "eval_windows": "prunecli.data",
+    "perplexity": "prunecli.evaluate",
+    "evaluate": "prunecli.evaluate",
+    "MagnitudeConfig": "prunecli.methods.magnitude",
+    "RandomConfig": "prunecli.methods.random",
+    "WandaSpConfig": "prunecli.methods.wanda_sp",
+    "FlapConfig": "prunecli.methods.flap",
+    "CfspConfig": "prunecli.methods.cfsp",
+    "LoraPruneConfig": "prunecli.methods.loraprune",
+    "recover": "prunecli.recover",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        return getattr(module, name)
+    raise AttributeError(f"module 'prunecli' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,209 @@
+"""Models whose decoder layers differ in width, for checkpoints written by prunecli.
+
+Structured pruning can leave each decoder layer with its own number of attention heads,
+key/value heads or MLP channels. The config records those widths in transformers'
+standard ``per_layer_config`` field (a sparse map ``{layer_index: {attribute: value}}``),
+but the stock model classes build every layer from the global config. This file builds
+the stock model first (reading the global values) and then replaces each layer that has
+overrides (and, so that no layer keeps the global config, every other layer) with
+``LayerClass(config.per_layer_config[i], i)`` before any weight is loaded.
+
+The file is copied verbatim into heterogeneous checkpoints and named in ``config.json``'s
+``auto_map``, e.g. ``"AutoModelForCausalLM": "modeling_prunecli.PruneCliLlamaForCausalLM"``,
+so that ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` works
+without prunecli installed. It imports only torch and transformers, and it is generic:
+``PruneCli<Base>`` is created on first access for any stock class ``<Base>`` whose decoder
+layers are built as ``LayerClass(config, layer_idx)`` (Llama, Mistral, Qwen2, Qwen3,
+Gemma, Gemma2, Gemma3 text, Phi-3, ...).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import torch
+import transformers
+
+PREFIX = "PruneCli"
+
+_CLASSES: dict[str, type] = {}
+
+
+def per_layer_overrides(config: Any) -> dict[int, dict[str, Any]]:
+    """``{layer_index: {attribute: value}}`` for the layers that differ from the global config."""
+    if not getattr(config, "is_heterogeneous", False):
+        return {}
+    raw = config.to_dict().get("per_layer_config") or {}
+    return {int(i): dict(v) for i, v in raw.items() if v}
+
+
+def find_decoder_layers(model: torch.nn.Module, num_layers: int) -> tuple[str, torch.nn.ModuleList]:
+    """The ``ModuleList`` holding the ``num_layers`` decoder layers (first match by module order).
+
+    Args:
+        model: the model to search.
+        num_layers: ``config.num_hidden_layers``.
+    """
+    for name, module in model.named_modules():
+        if (
+            isinstance(module, torch.nn.ModuleList)
+            and len(module) == num_layers
+            and num_layers > 0
+            and len({type(m) for m in module}) == 1
+            and name.rsplit(".", 1)[-1] in ("layers", "layer", "h", "blocks")
+        ):
+            return name, module
+    raise ValueError(f"cannot find the {num_layers} decoder layers of {type(model).__name__}")
+
+
+def rebuild_heterogeneous_layers(model: torch.nn.Module, config: Any) -> list[int]:
+    """Rebuild every decoder layer from its own resolved config ``config.per_layer_config[i]``.
+
+    Layers without overrides are rebuilt too: a layer built from the global config keeps a
+    reference to it, and some models read per-layer attributes from that reference in
+    ``forward`` (Phi-3's attention reads ``config.num_attention_heads``), which a heterogeneous
+    global config refuses.
+
+    Args:
+        model: a model built from the global values of ``config``.
+        config: the heterogeneous config.
+
+    Returns:
+        The indices of the layers that were rebuilt (empty for a homogeneous config).
+    """
+    if not per_layer_overrides(config):
+        return []
+    _, layers = find_decoder_layers(model, config.num_hidden_layers)
+    rebuilt = []
+    for i in range(len(layers)):
+        old = layers[i]
+        layer_cls = type(old)
+        params = inspect.signature(layer_cls.__init__).parameters
+        layer_config = config.per_layer_config[i]
+        new = layer_cls(layer_config, layer_idx=i) if "layer_idx" in params else layer_cls(layer_config)
+        ref = next(old.parameters(), None)
+        if ref is not None:
+            new = new.to(device=ref.device, dtype=ref.dtype)
+        new.train(old.training)
+        layers[i] = new
+        rebuilt.append(i)
+    return rebuilt
+
+
+def bind_layer_configs(model: torch.nn.Module) -> int:
+    """Point every module inside decoder layer ``i`` that holds the global config at layer ``i``'s config.
+
+    For a model resized in place whose ``config.per_layer_config`` was set afterwards: its
+    modules still reference the global config, and models that read per-layer attributes in
+    ``forward`` (Phi-3's attention: ``config.num_attention_heads``) then fail, because a
+    heterogeneous global config refuses those reads. Models built by :func:`heterogeneous_class`
+    need no binding.
+
+    Args:
+        model: the model whose ``model.config`` is heterogeneous.
+
+    Returns:
+        The number of module attributes rebound (0 for a homogeneous config).
+    """
+    config = model.config
+    if not per_layer_overrides(config):
+        return 0
+    _, layers = find_decoder_layers(model, config.num_hidden_layers)
+    count = 0
+    for i, layer in enumerate(layers):
+        layer_config = config.per_layer_config[i]
+        for module in layer.modules():
+            if getattr(module, "config", None) is config:
+                module.config = layer_config
+                count += 1
+    return count
+
+
+class GlobalAccess:
+    """Temporarily allow reading per-layer attributes from the global config (quietly)."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+        self.active = bool(getattr(config, "is_heterogeneous", False))
+        self.previous = False
+        self.logger = logging.getLogger("transformers.integrations.heterogeneity.configuration_utils")
+        self.level = logging.NOTSET
+
+    def __enter__(self) -> None:
+        if self.active:
+            self.previous = self.config.allow_global_per_layer_attribute_access
+            self.level = self.logger.level
+            self.logger.setLevel(logging.ERROR)
+            self.config.allow_global_per_layer_attribute_access = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            self.config.allow_global_per_layer_attribute_access = self.previous
+            self.logger.setLevel(self.level)
+
+
+def stock_class_name(config: Any) -> str:
+    """The stock transformers class a (possibly prunecli-prefixed) config was saved from.
+
+    Args:
+        config: a transformers config; ``architectures`` wins, else the causal-LM class of
+            its ``model_type``.
+    """
+    for arch in getattr(config, "architectures", None) or []:
+        name = arch[len(PREFIX) :] if arch.startswith(PREFIX) else arch
+        if hasattr(transformers, name):
+            return name
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None))
+    if isinstance(name, str) and hasattr(transformers, name):
+        return name
+    raise ValueError(f"no stock transformers class for model_type {getattr(config, 'model_type', None)!r}")
+
+
+def heterogeneous_class(base: type | str) -> type:
+    """``PruneCli<Base>``: a subclass of ``base`` that builds layers from ``per_layer_config``.
+
+    Args:
+        base: a stock transformers model class, or its name (e.g. ``"LlamaForCausalLM"``).
+    """
+    base_cls = getattr(transformers, base) if isinstance(base, str) else base
+    name = PREFIX + base_cls.__name__
+    if name in _CLASSES:
+        return _CLASSES[name]
+
+    def __init__(self, config, *args, **kwargs):  # noqa: N807
+        with GlobalAccess(config):
+            base_cls.__init__(self, config, *args, **kwargs)
+        # post_init normally rebuilt the layers already; this covers classes that skip it.
+        rebuild_heterogeneous_layers_once(self)
+
+    def post_init(self):
+        # Called at the end of the stock __init__: rebuild before weights are initialised,
+        # so the new layers get the model's own _init_weights.
+        rebuild_heterogeneous_layers_once(self)
+        base_cls.post_init(self)
+
+    cls = type(name, (base_cls,), {"__init__": __init__, "post_init": post_init, "__module__": __name__})
+    cls.__qualname__ = name
+    _CLASSES[name] = cls
+    return cls
+
+
+def rebuild_heterogeneous_layers_once(model: torch.nn.Module) -> None:
+    """Rebuild the overridden layers of ``model`` the first time it is called on it."""
+    if getattr(model, "_prunecli_layers_rebuilt", False):
+        return
+    config = model.config
+    with GlobalAccess(config):
+        rebuild_heterogeneous_layers(model, config)
+    model._prunecli_layers_rebuilt = True
+
+
+def __getattr__(name: str) -> type:
+    # auto_map names PruneCli<Base>; the class is created on first access.
+    if name.startswith(PREFIX) and hasattr(transformers, name[len(PREFIX) :]):
+        return heterogeneous_class(name[len(PREFIX) :])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

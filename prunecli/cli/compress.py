@@ -1,0 +1,624 @@
+"""``prunecli compress``: load a model, prune it with a method, evaluate, save a checkpoint.
+
+Every option is checked before the model is loaded, so bad input fails in well under a
+second and writes nothing. The flow is: load -> calibration windows (methods that need
+data) -> perplexity before (``--eval-data``) -> prune -> perplexity after -> save (``-o``)
+-> a before/after table, or one JSON object with ``--json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from prunecli.cli._options import (
+    DATA_PANEL,
+    OUTPUT_PANEL,
+    AllowPickleOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    QuietOpt,
+    TextFieldOpt,
+    TrustRemoteCodeOpt,
+)
+from prunecli.cli._recipe import coerce_options, load_recipe, parse_set
+from prunecli.cli.output import Output, library_bars_off
+from prunecli.errors import DataError, InputError, OutputExistsError
+
+METHOD_PANEL = "Method"
+
+
+@dataclasses.dataclass
+class CompressOptions:
+    """The effective options of one ``compress`` run (command line merged over a recipe)."""
+
+    model: str
+    method: str
+    sparsity: float
+    output: str | None = None
+    overwrite: bool = False
+    calib: str | None = None
+    text_field: str = "text"
+    nsamples: int = 128
+    seqlen: int = 128
+    seed: int = 0
+    round_to: int = 1
+    ignore: list[str] = dataclasses.field(default_factory=list)
+    set: dict[str, Any] = dataclasses.field(default_factory=dict)
+    eval_data: str | None = None
+    eval_seqlen: int = 512
+    max_windows: int | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+    def to_recipe(self) -> dict[str, Any]:
+        """The options as a recipe mapping (``--recipe`` re-runs it; security flags left out)."""
+        d = dataclasses.asdict(self)
+        for key in ("overwrite", "allow_pickle", "trust_remote_code"):
+            d.pop(key)
+        return {k: v for k, v in d.items() if v is not None and v != [] and v != {}}
+
+
+def compress(
+    ctx: typer.Context,
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            help="Model: a local folder, a .gguf file, a hub id, or an alias from `prunecli models list` "
+            "(may come from --recipe).",
+            metavar="MODEL",
+            show_default=False,
+        ),
+    ] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            "--method",
+            "-m",
+            help="Pruning method: magnitude, random, wanda-sp, flap, cfsp, ... (see docs/cli.md).",
+            rich_help_panel=METHOD_PANEL,
+            show_default=False,
+        ),
+    ] = None,
+    sparsity: Annotated[
+        float | None,
+        typer.Option(
+            "--sparsity",
+            "-s",
+            help="Fraction of the attention + MLP parameters to remove, strictly between 0 and 1.",
+            rich_help_panel=METHOD_PANEL,
+            show_default=False,
+        ),
+    ] = None,
+    round_to: Annotated[
+        int,
+        typer.Option(
+            "--round-to",
+            min=1,
+            help="Keep pruned widths multiples of N where possible.",
+            metavar="N",
+            rich_help_panel=METHOD_PANEL,
+        ),
+    ] = 1,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed", help="Seed for calibration sampling and the method.", rich_help_panel=METHOD_PANEL
+        ),
+    ] = 0,
+    ignore: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ignore",
+            help="Glob pattern of module names never to prune (repeatable), e.g. 'model.layers.0.*'.",
+            metavar="PATTERN",
+            rich_help_panel=METHOD_PANEL,
+            show_default=False,
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="Method-specific option KEY=VALUE (repeatable), e.g. --set metric=WIFV for flap.",
+            metavar="KEY=VALUE",
+            rich_help_panel=METHOD_PANEL,
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Folder to write the pruned checkpoint to.",
+            metavar="DIR",
+            rich_help_panel=OUTPUT_PANEL,
+            show_default=False,
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace --output if it exists.", rich_help_panel=OUTPUT_PANEL)
+    ] = False,
+    calib: Annotated[
+        str | None,
+        typer.Option(
+            "--calib",
+            help="Calibration text: a .txt/.jsonl file, a folder of .txt files, or hf:NAME[:CONFIG]:SPLIT[:FIELD]. "
+            "Default: the sample shipped with prunecli.",
+            metavar="SRC",
+            rich_help_panel=DATA_PANEL,
+            show_default=False,
+        ),
+    ] = None,
+    text_field: TextFieldOpt = "text",
+    nsamples: Annotated[
+        int,
+        typer.Option(
+            "--nsamples", min=1, help="Calibration windows.", metavar="N", rich_help_panel=DATA_PANEL
+        ),
+    ] = 128,
+    seqlen: Annotated[
+        int,
+        typer.Option(
+            "--seqlen", min=1, help="Tokens per calibration window.", metavar="L", rich_help_panel=DATA_PANEL
+        ),
+    ] = 128,
+    eval_data: Annotated[
+        str | None,
+        typer.Option(
+            "--eval-data",
+            help="Text to measure perplexity on before and after pruning (same forms as --calib).",
+            metavar="SRC",
+            rich_help_panel=DATA_PANEL,
+            show_default=False,
+        ),
+    ] = None,
+    eval_seqlen: Annotated[
+        int,
+        typer.Option(
+            "--eval-seqlen",
+            min=1,
+            help="Tokens per evaluation window.",
+            metavar="L",
+            rich_help_panel=DATA_PANEL,
+        ),
+    ] = 512,
+    max_windows: Annotated[
+        int | None,
+        typer.Option(
+            "--max-windows",
+            min=1,
+            help="Evaluate at most N windows (default: all).",
+            metavar="N",
+            rich_help_panel=DATA_PANEL,
+            show_default=False,
+        ),
+    ] = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            "--recipe",
+            help="YAML file of options (same names as the flags; flags given here override it).",
+            metavar="FILE.yaml",
+            show_default=False,
+        ),
+    ] = None,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Prune MODEL with a structured method and save a smaller checkpoint.
+
+    Examples:
+
+      prunecli compress smollm2-135m --method flap --sparsity 0.2 -o smollm2-flap-20
+
+      prunecli compress ./my-llama -m wanda-sp -s 0.5 --calib emma.txt --eval-data persuasion.txt --json
+
+      prunecli compress --recipe recipes/smollm2-magnitude-20.yaml --sparsity 0.3
+    """
+    given = {
+        "model": model,
+        "method": method,
+        "sparsity": sparsity,
+        "output": str(output) if output is not None else None,
+        "overwrite": overwrite,
+        "calib": calib,
+        "text_field": text_field,
+        "nsamples": nsamples,
+        "seqlen": seqlen,
+        "seed": seed,
+        "round_to": round_to,
+        "ignore": list(ignore or []),
+        "set": set_ or [],
+        "eval_data": eval_data,
+        "eval_seqlen": eval_seqlen,
+        "max_windows": max_windows,
+        "dtype": dtype,
+        "device": device,
+        "allow_pickle": allow_pickle,
+        "trust_remote_code": trust_remote_code,
+    }
+    param_names = {"set": "set_"}
+    on_command_line = {
+        key
+        for key in given
+        if _source_name(ctx, param_names.get(key, key)) not in ("DEFAULT", "DEFAULT_MAP", None)
+    }
+    opts, config = resolve_options(given, on_command_line, recipe)
+    out = Output(json=json, quiet=quiet)
+    run_compress(opts, config, out)
+
+
+def _source_name(ctx: typer.Context, name: str) -> str | None:
+    source = ctx.get_parameter_source(name)
+    return source.name if source is not None else None
+
+
+def resolve_options(
+    given: dict[str, Any], on_command_line: set[str], recipe_path: Path | None
+) -> tuple[CompressOptions, Any]:
+    """Merge command-line values over a recipe and check everything that can be checked without the model.
+
+    Args:
+        given: every ``compress`` option as parsed (``set`` as a list of ``KEY=VALUE`` strings).
+        on_command_line: names of the options the user typed (these override the recipe).
+        recipe_path: the ``--recipe`` file, or ``None``.
+
+    Returns:
+        The effective options and the method's validated config object.
+    """
+    from prunecli.config import get_method
+
+    merged = dict(given)
+    recipe = load_recipe(recipe_path) if recipe_path is not None else {}
+    for key, value in recipe.items():
+        if key == "set":
+            continue
+        if key not in on_command_line:
+            merged[key] = value
+
+    if not merged.get("model"):
+        raise InputError(
+            "missing MODEL", hint="pass a model folder, .gguf file, hub id or alias (or use --recipe)"
+        )
+    if not merged.get("method"):
+        raise InputError("missing --method", hint="e.g. --method magnitude (or use --recipe)")
+    if merged.get("sparsity") is None:
+        raise InputError("missing --sparsity", hint="e.g. --sparsity 0.2 removes 20% of the block parameters")
+    for key in ("nsamples", "seqlen", "eval_seqlen", "max_windows", "round_to"):
+        value = merged.get(key)
+        if value is not None and value < 1:
+            raise InputError(f"{key} must be a positive integer, got {value}")
+
+    from prunecli.models import resolve_dtype
+    from prunecli.models.loading import classify_spec
+
+    classify_spec(str(merged["model"]), allow_pickle=bool(merged["allow_pickle"]))
+    resolve_dtype(merged["dtype"])
+    merged["method"] = canonical_method(str(merged["method"]))
+    config_cls, _ = get_method(merged["method"])
+    method_options = coerce_options(recipe.get("set", {}), config_cls)
+    method_options.update(parse_set(merged["set"], config_cls))
+    try:
+        config = config_cls(
+            sparsity=float(merged["sparsity"]),
+            round_to=int(merged["round_to"]),
+            seed=int(merged["seed"]),
+            ignore=tuple(merged["ignore"]),
+            **method_options,
+        )
+    except (TypeError, ValueError) as e:
+        raise InputError(f"invalid options for method {merged['method']!r}: {e}") from None
+    merged["set"] = method_options
+    opts = CompressOptions(**merged)
+
+    if opts.output is not None:
+        out = Path(opts.output)
+        if out.exists() and not opts.overwrite:
+            raise OutputExistsError(f"output folder already exists: {out}")
+        if out.exists() and not out.is_dir():
+            raise OutputExistsError(
+                f"output path exists and is not a folder: {out}", hint="choose another --output"
+            )
+    for flag, source in (("--calib", opts.calib), ("--eval-data", opts.eval_data)):
+        check_data_source(source, flag)
+    return opts, config
+
+
+def canonical_method(name: str) -> str:
+    """The registered spelling of a method name (``wanda_sp``, ``wanda-sp`` and ``Wanda-SP`` are the same).
+
+    Unknown names are returned unchanged (``get_method`` then reports them).
+    """
+    from prunecli.config import method_names
+
+    def key(text: str) -> str:
+        return text.lower().replace("-", "_")
+
+    matches = [m for m in method_names() if key(m) == key(name)]
+    return matches[0] if matches else name
+
+
+def check_data_source(source: str | None, flag: str) -> None:
+    """Fail early when a data source names a local file or folder that does not exist.
+
+    Args:
+        source: ``None`` (the shipped sample), a path, or an ``hf:`` dataset spec.
+        flag: the option name used in the message.
+    """
+    if source is None or source.startswith("hf:") or Path(source).exists():
+        return
+    raise DataError(
+        f"{flag}: no such file or folder: {source}",
+        hint="pass a .txt/.jsonl file, a folder of .txt files, or hf:NAME[:CONFIG]:SPLIT[:FIELD]",
+    )
+
+
+def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, Any]:
+    """Load, prune, evaluate and save as ``opts`` says; print and return the report.
+
+    Args:
+        opts: effective options (from :func:`resolve_options`).
+        config: the method's config object.
+        out: where to print.
+    """
+    from prunecli.api import prune
+    from prunecli.data import calibration_windows, data_hash, eval_windows
+    from prunecli.evaluate import count_parameters, evaluate
+    from prunecli.models import load_model
+
+    if opts.calib is not None and not config.needs_data:
+        out.warn(f"method {opts.method!r} uses no calibration data; --calib is ignored")
+    if opts.eval_data is not None and opts.calib is not None and opts.eval_data == opts.calib:
+        out.warn("calibrating and evaluating on the same text makes the perplexity look better than it is")
+
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    with library_bars_off(), out.progress() as progress:
+        loaded = load_model(
+            opts.model,
+            dtype=opts.dtype,
+            device=opts.device,
+            allow_pickle=opts.allow_pickle,
+            trust_remote_code=opts.trust_remote_code,
+            progress=progress,
+        )
+        seconds["load"] = loaded.load_seconds
+        model, tokenizer = loaded.model, loaded.tokenizer
+
+        calib = None
+        calibration: dict[str, Any] | None = None
+        if config.needs_data:
+            t = time.perf_counter()
+            calib = calibration_windows(
+                tokenizer,
+                opts.calib,
+                nsamples=opts.nsamples,
+                seqlen=opts.seqlen,
+                seed=opts.seed,
+                text_field=opts.text_field,
+                progress=progress,
+            )
+            seconds["calibration"] = time.perf_counter() - t
+            calibration = {
+                "source": opts.calib if opts.calib is not None else "prunecli/data/sample.txt",
+                "text_field": opts.text_field,
+                "nsamples": int(calib.shape[0]),
+                "seqlen": int(calib.shape[1]),
+                "seed": opts.seed,
+                "hash": data_hash(calib),
+            }
+
+        windows = None
+        ppl_before = ppl_after = None
+        if opts.eval_data is not None:
+            windows = eval_windows(
+                tokenizer,
+                opts.eval_data,
+                seqlen=opts.eval_seqlen,
+                max_windows=opts.max_windows,
+                text_field=opts.text_field,
+                progress=progress,
+            )
+            t = time.perf_counter()
+            ppl_before = evaluate(model, windows, progress=progress)
+            seconds["eval_before"] = time.perf_counter() - t
+
+        params_before = count_parameters(model)
+        t = time.perf_counter()
+        result = prune(model, config, calib=calib, progress=progress)
+        seconds["prune"] = time.perf_counter() - t
+        params_after = count_parameters(model)
+
+        if windows is not None:
+            t = time.perf_counter()
+            ppl_after = evaluate(model, windows, progress=progress)
+            seconds["eval_after"] = time.perf_counter() - t
+
+        summary = result.summary.to_dict()
+        plan = result.plan
+        report: dict[str, Any] = {
+            "model": opts.model,
+            "source": str(loaded.source),
+            "kind": loaded.kind,
+            "method": opts.method,
+            "config": config.to_dict(),
+            "calibration": calibration,
+            "params": _params_section(params_before, params_after, summary),
+            "sparsity": {},
+            "perplexity": _perplexity_section(opts, windows, ppl_before, ppl_after),
+            "seconds": seconds,
+            "prune_steps_seconds": dict(getattr(result, "seconds", {}) or {}),
+            "output": None,
+            "plan": _plan_section(plan),
+            "summary": summary,
+        }
+        report["sparsity"] = _sparsity_section(config.sparsity, report["params"])
+
+        if opts.output is not None:
+            from prunecli.checkpoint import save_checkpoint
+
+            provenance = {
+                "model": {"spec": opts.model, "source": str(loaded.source), "kind": loaded.kind},
+                "method": opts.method,
+                "config": config.to_dict(),
+                "calibration": calibration,
+                "plan": plan.to_dict(),
+                "summary": summary,
+                "params": report["params"],
+                "perplexity": report["perplexity"],
+                "recipe": opts.to_recipe(),
+            }
+            t = time.perf_counter()
+            path = save_checkpoint(
+                model,
+                tokenizer,
+                Path(opts.output),
+                provenance=provenance,
+                overwrite=opts.overwrite,
+                progress=progress,
+            )
+            seconds["save"] = time.perf_counter() - t
+            report["output"] = str(path)
+    seconds["total"] = time.perf_counter() - started
+
+    out.result(report, lambda console: render_report(console, report), quiet_line=report["output"])
+    return report
+
+
+def _params_section(before: int, after: int, summary: dict[str, Any]) -> dict[str, Any]:
+    blocks_before = summary.get("block_params_before")
+    blocks_after = summary.get("block_params_after")
+    return {
+        "before": before,
+        "after": after,
+        "removed": before - after,
+        "blocks_before": blocks_before,
+        "blocks_after": blocks_after,
+    }
+
+
+def _sparsity_section(target: float, params: dict[str, Any]) -> dict[str, Any]:
+    blocks = None
+    if params["blocks_before"] and params["blocks_after"] is not None:
+        blocks = 1.0 - params["blocks_after"] / params["blocks_before"]
+    model = 1.0 - params["after"] / params["before"] if params["before"] else None
+    return {"target": target, "blocks": blocks, "model": model}
+
+
+def _perplexity_section(
+    opts: CompressOptions, windows: Any, before: Any, after: Any
+) -> dict[str, Any] | None:
+    if windows is None:
+        return None
+    return {
+        "data": opts.eval_data,
+        "seqlen": int(windows.shape[1]),
+        "windows": int(windows.shape[0]),
+        "before": before["perplexity"],
+        "after": after["perplexity"],
+        "tokens_per_s_before": before.get("tokens_per_s"),
+        "tokens_per_s_after": after.get("tokens_per_s"),
+    }
+
+
+def _plan_section(plan: Any) -> dict[str, Any]:
+    removed = {name: len(units) for name, units in plan.removals.items()}
+    return {
+        "groups_pruned": len(removed),
+        "units_removed": sum(removed.values()),
+        "removed": removed,
+        "bias_updates": len(plan.bias_updates),
+        "fingerprint": plan.fingerprint,
+    }
+
+
+def _fmt_int(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+def _fmt_change(before: float | None, after: float | None) -> str:
+    if before is None or after is None or before == 0:
+        return "-"
+    ratio = after / before
+    if ratio >= 10:
+        return f"x{ratio:,.0f}"
+    return f"{ratio - 1:+.1%}"
+
+
+def _fmt_seconds(value: float) -> str:
+    return f"{value:.1f}" if value >= 1 else f"{value:.2f}"
+
+
+def render_report(console: Console, report: dict[str, Any]) -> None:
+    """The human view of a ``compress`` report: one before/after table and the output folder."""
+    params = report["params"]
+    table = Table(title=f"{report['method']} at sparsity {report['config']['options']['sparsity']:g}")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("change", justify="right")
+    table.add_row(
+        "parameters (whole model)",
+        _fmt_int(params["before"]),
+        _fmt_int(params["after"]),
+        _fmt_change(params["before"], params["after"]),
+    )
+    table.add_row(
+        "parameters (attention + MLP blocks)",
+        _fmt_int(params["blocks_before"]),
+        _fmt_int(params["blocks_after"]),
+        _fmt_change(params["blocks_before"], params["blocks_after"]),
+    )
+    ppl = report["perplexity"]
+    if ppl is not None:
+        table.add_row(
+            f"perplexity ({ppl['windows']} x {ppl['seqlen']} tokens)",
+            f"{ppl['before']:.2f}",
+            f"{ppl['after']:.2f}",
+            _fmt_change(ppl["before"], ppl["after"]),
+        )
+        if ppl["tokens_per_s_before"] is not None and ppl["tokens_per_s_after"] is not None:
+            table.add_row(
+                f"tokens/s (forward of {ppl['seqlen']} tokens)",
+                f"{ppl['tokens_per_s_before']:,.0f}",
+                f"{ppl['tokens_per_s_after']:,.0f}",
+                _fmt_change(ppl["tokens_per_s_before"], ppl["tokens_per_s_after"]),
+            )
+    secs = report["seconds"]
+    table.add_section()
+    for key, label in (
+        ("load", "seconds: load"),
+        ("calibration", "seconds: calibration data"),
+        ("prune", "seconds: prune"),
+        ("eval_before", "seconds: evaluate (before / after)"),
+        ("save", "seconds: save"),
+    ):
+        if key in secs:
+            after = _fmt_seconds(secs["eval_after"]) if key == "eval_before" and "eval_after" in secs else ""
+            before = _fmt_seconds(secs[key])
+            if key == "eval_before":
+                table.add_row(label, before, after, "")
+            else:
+                table.add_row(label, "", before, "")
+    console.print(table)
+    plan = report["plan"]
+    console.print(
+        f"removed {plan['units_removed']:,} units from {plan['groups_pruned']} groups", highlight=False
+    )
+    if report["output"]:
+        console.print(f"saved to {report['output']}", markup=False, highlight=False, soft_wrap=True)

@@ -1,0 +1,140 @@
+"""``prunecli inspect``: architecture, shape of the config and where the parameters are."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from prunecli.cli._options import AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, TrustRemoteCodeOpt
+from prunecli.cli.output import Output, library_bars_off
+
+# Report field -> config attributes to try, first found wins (names differ across families).
+CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
+    "layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "hidden": ("hidden_size", "n_embd", "d_model"),
+    "heads": ("num_attention_heads", "n_head"),
+    "kv_heads": ("num_key_value_heads",),
+    "head_dim": ("head_dim",),
+    "intermediate": ("intermediate_size", "n_inner", "ffn_dim"),
+    "experts": ("num_local_experts", "num_experts", "n_routed_experts"),
+    "experts_per_token": ("num_experts_per_tok", "moe_topk"),
+    "vocab": ("vocab_size",),
+    "max_positions": ("max_position_embeddings", "n_positions"),
+    "tied_embeddings": ("tie_word_embeddings",),
+}
+
+
+def inspect_model(
+    model: ModelArg,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    json: JsonOpt = False,
+) -> None:
+    """Show MODEL's architecture, config summary and parameter count per module kind.
+
+    Example:
+
+      prunecli inspect smollm2-135m
+    """
+    from prunecli.evaluate import count_parameters, parameter_breakdown
+    from prunecli.models import load_model
+
+    out = Output(json=json)
+    with library_bars_off(), out.progress() as progress:
+        loaded = load_model(
+            model,
+            dtype=dtype,
+            device=device,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+            progress=progress,
+        )
+    m = loaded.model
+    report: dict[str, Any] = {
+        "model": model,
+        "source": str(loaded.source),
+        "kind": loaded.kind,
+        "architecture": type(m).__name__,
+        "config": config_summary(getattr(m, "config", None)),
+        "per_layer_config": per_layer_config(getattr(m, "config", None)),
+        "parameters": count_parameters(m),
+        "parameters_by_kind": dict(parameter_breakdown(m)),
+        "dtype": _dtype(m),
+        "load_seconds": loaded.load_seconds,
+    }
+    out.result(report, lambda console: render_inspect(console, report))
+
+
+def _dtype(model: Any) -> str | None:
+    for p in model.parameters():
+        return str(p.dtype).removeprefix("torch.")
+    return None
+
+
+def config_summary(config: Any) -> dict[str, Any]:
+    """The sizes that matter for pruning, read from a transformers config (missing ones left out).
+
+    Args:
+        config: a ``PretrainedConfig`` (its text sub-config is used for multimodal models) or ``None``.
+    """
+    if config is None:
+        return {}
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    summary: dict[str, Any] = {"model_type": getattr(config, "model_type", None)}
+    for key, names in CONFIG_FIELDS.items():
+        for name in names:
+            value = getattr(text, name, None)
+            if value is not None:
+                summary[key] = value
+                break
+    if "head_dim" not in summary and summary.get("hidden") and summary.get("heads"):
+        summary["head_dim"] = summary["hidden"] // summary["heads"]
+    return {k: v for k, v in summary.items() if v is not None}
+
+
+def per_layer_config(config: Any) -> dict[str, dict[str, Any]]:
+    """Per-layer overrides (transformers' ``per_layer_config``) of a heterogeneous model, else ``{}``."""
+    if config is None:
+        return {}
+    raw = config.to_dict().get("per_layer_config") or {}
+    return {str(i): dict(v) for i, v in sorted(raw.items(), key=lambda kv: int(kv[0])) if v}
+
+
+def render_inspect(console: Console, report: dict[str, Any]) -> None:
+    """Tables: config summary, per-layer overrides (if any), parameters by module kind."""
+    console.print(
+        f"[bold]{escape(report['architecture'])}[/]  {report['parameters']:,} parameters, "
+        f"{report['dtype']}, loaded as {escape(str(report['kind']))} from {escape(report['source'])}"
+    )
+    cfg = Table(title="config", show_header=False)
+    cfg.add_column("field")
+    cfg.add_column("value", justify="right")
+    for key, value in report["config"].items():
+        cfg.add_row(
+            key.replace("_", " "),
+            f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value),
+        )
+    console.print(cfg)
+    overrides = report["per_layer_config"]
+    if overrides:
+        keys = sorted({k for v in overrides.values() for k in v})
+        layers = Table(title="per-layer config (layers that differ)")
+        layers.add_column("layer", justify="right")
+        for k in keys:
+            layers.add_column(k.replace("_", " "), justify="right")
+        for i, values in overrides.items():
+            layers.add_row(i, *(str(values.get(k, "")) for k in keys))
+        console.print(layers)
+    total = report["parameters"]
+    params = Table(title="parameters by module kind")
+    params.add_column("module kind")
+    params.add_column("parameters", justify="right")
+    params.add_column("share", justify="right")
+    for kind, n in sorted(report["parameters_by_kind"].items(), key=lambda kv: -kv[1]):
+        params.add_row(kind, f"{n:,}", f"{n / total:.1%}" if total else "-")
+    console.print(params)

@@ -1,0 +1,439 @@
+"""Apply a :class:`~prunecli.engine.plan.Plan`: remove units, keep the model consistent.
+
+This is the only place where weights are sliced. After slicing it updates every module
+attribute that records a width (``in_features``, ``num_heads``, ...) and the model config,
+so the pruned model runs in memory and saves a config that describes it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunecli.engine.plan import Plan
+from prunecli.errors import PlanError
+from prunecli.graph import DependencyGraph, Group, build_graph, model_fingerprint
+
+# attribute name -> what it counts, for attention modules
+_HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "self_attention_heads")
+_KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
+_GROUP_ATTRS = ("num_key_value_groups", "num_kv_groups")
+_WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size", "hidden_size_per_attention", "query_pos")
+# config attribute names, first match wins
+_CFG_HEADS = ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
+_CFG_KV = ("num_key_value_heads", "multi_query_group_num")
+_CFG_MLP = ("intermediate_size", "ffn_dim", "n_inner", "encoder_ffn_dim", "ffn_hidden_size", "d_ff")
+
+
+@dataclasses.dataclass
+class PruneSummary:
+    """What :func:`apply_plan` removed.
+
+    Attributes:
+        params_before / params_after: whole-model parameter counts (tied weights once).
+        block_params_before / block_params_after: parameters of the prunable blocks
+            (every weight that a prunable group in a layer touches: attention + MLP).
+        removed_units: group name -> number of units removed (derived groups included).
+        layers: layer index -> widths after pruning (heads, kv_heads, channels).
+    """
+
+    params_before: int
+    params_after: int
+    block_params_before: int
+    block_params_after: int
+    removed_units: dict[str, int]
+    layers: dict[int, dict[str, int]]
+
+    @property
+    def block_sparsity(self) -> float:
+        return 1.0 - self.block_params_after / max(1, self.block_params_before)
+
+    @property
+    def model_sparsity(self) -> float:
+        return 1.0 - self.params_after / max(1, self.params_before)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["block_sparsity"] = self.block_sparsity
+        d["model_sparsity"] = self.model_sparsity
+        d["layers"] = {str(k): v for k, v in self.layers.items()}
+        return d
+
+
+def count_params(model: nn.Module) -> int:
+    """Unique parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def block_modules(graph: DependencyGraph) -> list[str]:
+    """Modules holding weights of prunable groups inside layers (attention + MLP)."""
+    mods: set[str] = set()
+    for g in graph.groups.values():
+        if g.layer is None or g.kind == "residual":
+            continue
+        if not (g.prunable or g.kind == "kv_heads"):
+            continue
+        for m in g.members:
+            if m.role in ("producer", "consumer"):
+                mods.add(m.module)
+    return sorted(mods)
+
+
+def block_params(model: nn.Module, graph: DependencyGraph) -> int:
+    """Parameters of the prunable blocks (FLAP's definition of what sparsity refers to)."""
+    named = dict(model.named_modules())
+    seen: dict[int, int] = {}
+    for name in block_modules(graph):
+        mod = named.get(name)
+        if mod is None:
+            continue
+        for p in mod.parameters(recurse=False):
+            seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+def resolve_removals(graph: DependencyGraph, plan: Plan) -> dict[str, list[int]]:
+    """Validate a plan and add the derived removals (parents whose children all go).
+
+    Raises:
+        PlanError: unknown group, index out of range, a group emptied, or a grouped-query
+            layout transformers cannot represent.
+    """
+    removals: dict[str, list[int]] = {}
+    for name, units in plan.removals.items():
+        if name not in graph.groups:
+            raise PlanError(f"plan names group {name!r}, which this model does not have")
+        g = graph.groups[name]
+        if not g.prunable:
+            raise PlanError(f"group {name} is not prunable: {g.reason}")
+        bad = [u for u in units if not 0 <= u < g.num_units]
+        if bad:
+            raise PlanError(f"group {name} has {g.num_units} units; plan removes unit {bad[0]}")
+        if len(set(units)) >= g.num_units:
+            raise PlanError(f"plan removes every unit of {name}", hint="lower the sparsity")
+        removals[name] = sorted(set(units))
+    for name, units in list(removals.items()):
+        g = graph.groups[name]
+        if g.parent is None or g.parent_of is None:
+            continue
+        gone = set(units)
+        children: dict[int, list[int]] = defaultdict(list)
+        for u, p in enumerate(g.parent_of):
+            children[p].append(u)
+        kept_per_parent = {p: sum(1 for c in cs if c not in gone) for p, cs in children.items()}
+        kept_counts = {k for k in kept_per_parent.values() if k > 0}
+        if len(kept_counts) > 1:
+            raise PlanError(
+                f"{name}: every kept key/value head must keep the same number of query heads "
+                f"(got {sorted(kept_per_parent.values())})"
+            )
+        dead = sorted(p for p, k in kept_per_parent.items() if k == 0)
+        if dead:
+            removals[g.parent] = dead
+    return removals
+
+
+def _param_removals(graph: DependencyGraph, removals: dict[str, list[int]]) -> dict[str, dict[int, set[int]]]:
+    out: dict[str, dict[int, set[int]]] = defaultdict(lambda: defaultdict(set))
+    for name, units in removals.items():
+        g = graph.groups[name]
+        for m in g.members:
+            for u in units:
+                out[m.param][m.dim].update(m.index[u])
+    return out
+
+
+def zero_units(model: nn.Module, graph: DependencyGraph, removals: dict[str, list[int]]) -> None:
+    """Set every weight entry of the given units to zero (for tests of exactness)."""
+    pr = _param_removals(graph, resolve_removals(graph, Plan(removals)))
+    with torch.no_grad():
+        for pname, dims in pr.items():
+            t = _get_tensor(model, pname)
+            for dim, idx in dims.items():
+                t.index_fill_(dim, torch.tensor(sorted(idx), dtype=torch.long), 0.0)
+
+
+def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    mod_name, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    return getattr(mod, leaf)
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, old: torch.Tensor) -> None:
+    mod_name, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if isinstance(old, nn.Parameter):
+        setattr(mod, leaf, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        persistent = leaf not in getattr(mod, "_non_persistent_buffers_set", set())
+        mod.register_buffer(leaf, value, persistent=persistent)
+
+
+def apply_plan(model: nn.Module, graph: DependencyGraph, plan: Plan, *, check_fingerprint: bool = True) -> PruneSummary:
+    """Remove the plan's units from ``model`` in place.
+
+    Args:
+        model: the model the graph was built from (unpruned).
+        graph: its dependency graph.
+        plan: what to remove; derived groups follow automatically.
+        check_fingerprint: refuse a plan made for a model of other shapes.
+
+    Returns:
+        A :class:`PruneSummary`.
+
+    Example:
+        >>> graph = build_graph(model)                                        # doctest: +SKIP
+        >>> g = graph.prunable("channels")[0]                                  # doctest: +SKIP
+        >>> apply_plan(model, graph, Plan({g.name: [0, 1]})).params_after      # doctest: +SKIP
+    """
+    fp = model_fingerprint(model)
+    if check_fingerprint and plan.fingerprint and plan.fingerprint != fp:
+        raise PlanError(
+            "this plan was made for a model with other parameter shapes",
+            hint="replay a plan on a fresh copy of the model it was made for",
+        )
+    if graph.fingerprint != fp:
+        raise PlanError("the graph was built for a different state of this model; rebuild it")
+    removals = resolve_removals(graph, plan)
+    params_before = count_params(model)
+    blocks_before = block_params(model, graph)
+    _apply_bias_updates(model, graph, plan.bias_updates)
+    per_param = _param_removals(graph, removals)
+
+    # slice each tensor once, keeping ties (same tensor object under two names)
+    done: dict[int, torch.Tensor] = {}
+    all_named = dict(model.named_parameters(remove_duplicate=False))
+    all_named.update(dict(model.named_buffers(remove_duplicate=False)))
+    aliases: dict[int, list[str]] = defaultdict(list)
+    for n, t in all_named.items():
+        aliases[id(t)].append(n)
+    with torch.no_grad():
+        for pname, dims in per_param.items():
+            old = all_named[pname]
+            if id(old) in done:
+                continue
+            new = old.detach()
+            for dim, idx in dims.items():
+                keep = torch.tensor([i for i in range(new.shape[dim]) if i not in idx], dtype=torch.long)
+                new = new.index_select(dim, keep.to(new.device))
+            new = new.contiguous()
+            for alias in aliases[id(old)]:
+                _set_tensor(model, alias, new, old)
+            done[id(old)] = new
+    _retie(model, aliases, all_named)
+    _update_module_attrs(model)
+    layers = _update_attention(model, graph, removals)
+    _update_config(model, graph, removals, layers)
+    summary = PruneSummary(
+        params_before=params_before,
+        params_after=count_params(model),
+        block_params_before=blocks_before,
+        block_params_after=block_params(model, graph),
+        removed_units={k: len(v) for k, v in removals.items()},
+        layers=layers,
+    )
+    model._prunecli_plan = plan  # type: ignore[assignment]
+    return summary
+
+
+def _retie(model: nn.Module, aliases: dict[int, list[str]], before: dict[str, torch.Tensor]) -> None:
+    """Make tied names point at one Parameter again after replacement."""
+    for names in aliases.values():
+        if len(names) < 2:
+            continue
+        first = _get_tensor(model, names[0])
+        for n in names[1:]:
+            if _get_tensor(model, n) is not first:
+                mod_name, _, leaf = n.rpartition(".")
+                mod = model.get_submodule(mod_name) if mod_name else model
+                if isinstance(first, nn.Parameter):
+                    setattr(mod, leaf, first)
+
+
+def _update_module_attrs(model: nn.Module) -> None:
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.Tensor):
+            continue
+        if isinstance(mod, nn.Linear):
+            mod.out_features, mod.in_features = int(w.shape[0]), int(w.shape[1])
+        elif type(mod).__name__ == "Conv1D" and w.dim() == 2:
+            mod.nx, mod.nf = int(w.shape[0]), int(w.shape[1])
+        elif isinstance(mod, nn.modules.conv._ConvNd):
+            depthwise = mod.groups > 1 and w.shape[1] == 1
+            mod.out_channels = int(w.shape[0])
+            if depthwise:
+                mod.groups = mod.in_channels = int(w.shape[0])
+            else:
+                mod.in_channels = int(w.shape[1]) * mod.groups
+        elif isinstance(mod, nn.Embedding):
+            mod.num_embeddings, mod.embedding_dim = int(w.shape[0]), int(w.shape[1])
+        elif isinstance(mod, nn.LayerNorm):
+            mod.normalized_shape = (int(w.shape[0]),)
+        elif isinstance(mod, nn.modules.batchnorm._NormBase):
+            mod.num_features = int(w.shape[0])
+        elif isinstance(mod, nn.GroupNorm):
+            mod.num_channels = int(w.shape[0])
+
+
+def _kept(g: Group, removals: dict[str, list[int]]) -> int:
+    return g.num_units - len(removals.get(g.name, []))
+
+
+def _update_attention(model: nn.Module, graph: DependencyGraph, removals: dict[str, list[int]]) -> dict[int, dict[str, int]]:
+    """Set head counts on attention modules; return per-layer widths."""
+    layers: dict[int, dict[str, int]] = defaultdict(dict)
+    named = dict(model.named_modules())
+    for site in graph.attention:
+        heads = graph.groups[site.heads]
+        kv = graph.groups[site.kv_heads]
+        h_old, h_new = heads.num_units, _kept(heads, removals)
+        if kv.name != heads.name:
+            k_old, k_new = kv.num_units, _kept(kv, removals)
+        else:
+            k_old, k_new = h_old, h_new
+        d = site.head_dim
+        mod = named.get(site.module)
+        if mod is not None and (h_new != h_old or k_new != k_old):
+            for attr in _HEAD_ATTRS:
+                if getattr(mod, attr, None) == h_old:
+                    setattr(mod, attr, h_new)
+            for attr in _KV_ATTRS:
+                if getattr(mod, attr, None) == k_old:
+                    setattr(mod, attr, k_new)
+            for attr in _GROUP_ATTRS:
+                if getattr(mod, attr, None) == h_old // max(1, k_old):
+                    setattr(mod, attr, h_new // max(1, k_new))
+            for attr in _WIDTH_ATTRS:
+                if getattr(mod, attr, None) == h_old * d:
+                    setattr(mod, attr, h_new * d)
+            cfg = getattr(mod, "config", None)
+            if cfg is not None and hasattr(cfg, "to_dict"):
+                # modules that read head counts from their config (Phi-3's fused qkv)
+                local = copy.copy(cfg)
+                local.__dict__.pop("_heterogeneity_spec", None)
+                for attr in _CFG_HEADS:
+                    if attr in local.__dict__:
+                        local.__dict__[attr] = h_new
+                        break
+                for attr in _CFG_KV:
+                    if attr in local.__dict__:
+                        local.__dict__[attr] = k_new
+                        break
+                if "head_dim" in local.__dict__:
+                    local.__dict__["head_dim"] = d
+                mod.config = local
+        if heads.layer is not None:
+            layers[heads.layer].update({"heads": h_new, "kv_heads": k_new, "head_dim": d})
+    for g in graph.groups.values():
+        if g.kind == "channels" and g.layer is not None and (g.prunable or g.name in removals):
+            if g.name in removals or "channels" not in layers.get(g.layer, {}):
+                layers[g.layer]["channels"] = _kept(g, removals)
+                layers[g.layer]["channels_before"] = g.num_units
+    return dict(sorted(layers.items()))
+
+
+def _first_attr(cfg: Any, names: tuple[str, ...]) -> str | None:
+    for n in names:
+        if n in cfg.__dict__:
+            return n
+    return None
+
+
+def _update_config(
+    model: nn.Module, graph: DependencyGraph, removals: dict[str, list[int]], layers: dict[int, dict[str, int]]
+) -> None:
+    """Record the new widths on ``model.config``: global when uniform, else per layer."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not layers:
+        return
+    heads_attr = _first_attr(cfg, _CFG_HEADS)
+    kv_attr = _first_attr(cfg, _CFG_KV)
+    mlp_attr = _first_attr(cfg, _CFG_MLP)
+    mlp_width = cfg.__dict__.get(mlp_attr) if mlp_attr else None
+    if mlp_attr == "n_inner" and mlp_width is None:
+        mlp_width = 4 * int(getattr(cfg, "n_embd", getattr(cfg, "hidden_size", 0)))
+    per_layer: dict[int, dict[str, int]] = {}
+    for layer, w in layers.items():
+        o: dict[str, int] = {}
+        if "heads" in w and heads_attr:
+            o[heads_attr] = w["heads"]
+            if kv_attr:
+                o[kv_attr] = w["kv_heads"]
+            if "head_dim" in cfg.__dict__:
+                o["head_dim"] = w["head_dim"]
+        if "channels" in w and mlp_attr and w.get("channels_before") == mlp_width:
+            o[mlp_attr] = w["channels"]
+        per_layer[layer] = o
+    keys = {k for o in per_layer.values() for k in o}
+    n_layers = int(getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", len(per_layer))) or 0)
+    uniform = all(len({o.get(k) for o in per_layer.values()}) == 1 for k in keys) and len(per_layer) == n_layers
+    if uniform:
+        for k in keys:
+            setattr(cfg, k, next(iter(per_layer.values()))[k])
+        if "head_dim" in cfg.__dict__ and heads_attr:
+            cfg.head_dim = next(iter(layers.values())).get("head_dim", cfg.head_dim)
+        return
+    if "head_dim" in cfg.__dict__ and cfg.__dict__.get("head_dim") is None and layers:
+        cfg.head_dim = next(w["head_dim"] for w in layers.values() if "head_dim" in w)
+    overrides = {i: o for i, o in per_layer.items() if o}
+    cfg.per_layer_config = overrides
+    cfg.allow_global_per_layer_attribute_access = True
+
+
+def _apply_bias_updates(model: nn.Module, graph: DependencyGraph, updates: dict[str, list[float]]) -> None:
+    """Add ``delta`` to each named module's output bias, creating zero biases as needed.
+
+    For configs with a per-kind bias flag (Llama's ``attention_bias`` / ``mlp_bias``) the
+    flag is switched on and every sibling projection of that kind gets a zero bias, so the
+    checkpoint loads in stock transformers.
+    """
+    if not updates:
+        return
+    named = dict(model.named_modules())
+    cfg = getattr(model, "config", None)
+    attn_modules = {s.module for s in graph.attention}
+    for mod_name, delta in updates.items():
+        mod = named.get(mod_name)
+        if not isinstance(mod, nn.Linear):
+            raise PlanError(f"bias update for {mod_name!r}: not a linear module of this model")
+        d = torch.tensor(delta, dtype=mod.weight.dtype, device=mod.weight.device)
+        if d.shape != (mod.out_features,):
+            raise PlanError(f"bias update for {mod_name}: {d.numel()} values for {mod.out_features} outputs")
+        _ensure_bias(mod)
+        with torch.no_grad():
+            mod.bias.add_(d)
+        if cfg is None:
+            continue
+        in_attention = any(mod_name.startswith(a + ".") for a in attn_modules)
+        flag = "attention_bias" if in_attention else "mlp_bias"
+        if flag in cfg.__dict__ and not cfg.__dict__[flag]:
+            setattr(cfg, flag, True)
+            _bias_siblings(model, named, attn_modules, in_attention)
+
+
+def _ensure_bias(mod: nn.Linear) -> None:
+    if mod.bias is None:
+        mod.bias = nn.Parameter(torch.zeros(mod.out_features, dtype=mod.weight.dtype, device=mod.weight.device))
+
+
+def _bias_siblings(model: nn.Module, named: dict[str, nn.Module], attn_modules: set[str], attention: bool) -> None:
+    """Give every linear of the flagged kind (inside attention, or in the MLPs) a zero bias."""
+    layers = [n for n, m in named.items() if isinstance(m, nn.ModuleList)]
+    for name, mod in named.items():
+        if not isinstance(mod, nn.Linear) or not any(name.startswith(layer + ".") for layer in layers):
+            continue
+        inside = any(name.startswith(a + ".") for a in attn_modules)
+        if inside == attention:
+            _ensure_bias(mod)
+
+
+def replay_plan(model: nn.Module, plan: Plan, example_inputs: tuple[Any, ...] | None = None) -> PruneSummary:
+    """Apply a saved plan to a fresh copy of the original model (traces its graph first)."""
+    graph = build_graph(model, example_inputs)
+    return apply_plan(model, graph, plan)

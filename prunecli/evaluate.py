@@ -1,0 +1,339 @@
+"""Evaluation of a causal LM: perplexity, parameter counts, prefill throughput.
+
+Perplexity follows the standard protocol on non-overlapping windows (see
+:func:`prunecli.data.eval_windows`): within each window, token ``t`` is predicted from tokens
+``0..t-1``; the perplexity is ``exp(sum of NLLs / number of predicted tokens)`` over all
+windows, with the sum taken in float64 so that it does not depend on the batch size.
+
+Example:
+    >>> from prunecli.evaluate import evaluate
+    >>> windows = eval_windows(tok, "persuasion.txt", seqlen=512, max_windows=16)  # doctest: +SKIP
+    >>> report = evaluate(model, windows)  # doctest: +SKIP
+    >>> report["perplexity"], report["params"], report["tokens_per_s"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunecli.errors import InputError
+from prunecli.progress import Progress, resolve
+
+__all__ = ["count_parameters", "evaluate", "parameter_breakdown", "perplexity", "throughput"]
+
+BREAKDOWN_KINDS = ("embedding", "attention", "mlp", "norm", "lm_head", "other")
+# Lower-cased class-name fragments that give a module's role (nearest matching module wins).
+_NORM = ("norm",)
+_EMBEDDING = ("embedding",)
+_ATTENTION = ("attention", "attn")
+_MLP = ("mlp", "feedforward", "ffn", "intermediate", "expert", "moe")
+
+
+def perplexity(
+    model: nn.Module,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 1,
+    progress: Progress | None = None,
+) -> float:
+    """Causal-LM perplexity over token windows.
+
+    Args:
+        model: a causal LM whose forward takes ``input_ids`` and ``use_cache`` and returns
+            logits ``[B, T, vocab]`` (``.logits`` or the first output).
+        windows: ``LongTensor [n, seqlen]``, ``seqlen >= 2``; each window predicts its tokens
+            ``1..seqlen-1`` from its own prefix.
+        batch_size: windows per forward pass; the result does not depend on it.
+        progress: reports one step per batch.
+
+    Returns:
+        ``exp(total NLL / total predicted tokens)``; the model is put in eval mode for the call
+        and its training flag restored afterwards.
+    """
+    _check_windows(windows)
+    _check_positive("batch_size", batch_size)
+    device = _device(model)
+    n, seqlen = windows.shape
+    total_nll = torch.zeros((), dtype=torch.float64)
+    n_batches = math.ceil(n / batch_size)
+    with (
+        _eval_mode(model),
+        torch.inference_mode(),
+        resolve(progress).task("perplexity", total=n_batches) as task,
+    ):
+        for start in range(0, n, batch_size):
+            ids = windows[start : start + batch_size].to(device, torch.long)  # (B, T)
+            logits = _logits(model, ids)  # (B, T, V)
+            nll = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none"
+            )  # (B * (T - 1),)
+            total_nll += nll.double().sum().cpu()
+            task.advance()
+    return math.exp(total_nll.item() / (n * (seqlen - 1)))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameter elements, each shared (tied) tensor counted once.
+
+    Args:
+        model: any module.
+    """
+    return sum(p.numel() for _, p in _unique_parameters(model))
+
+
+def parameter_breakdown(model: nn.Module) -> dict[str, int]:
+    """Parameter counts by role: embedding, attention, mlp, norm, lm_head, other.
+
+    A parameter's role is that of the nearest module, from its owner upwards, whose class name
+    says it: ``*Norm*`` -> norm, ``*Embedding*`` (or ``nn.Embedding``) -> embedding,
+    ``*Attention*``/``*Attn*`` -> attention, ``*MLP*``/``*FeedForward*``/``*FFN*``/
+    ``*Intermediate*``/``*Expert*``/``*MoE*`` -> mlp; whole-model containers (modules with
+    ``get_input_embeddings``) carry no role. The module returned by
+    ``model.get_output_embeddings()`` is lm_head (when tied to the input embedding, its weight is
+    counted once, as embedding). Remaining parameters inside a transformer block (a module with
+    an attention module as a direct child, e.g. BERT's output projection) are mlp; everything
+    else is other. The values sum to :func:`count_parameters`.
+
+    Args:
+        model: any module.
+
+    Returns:
+        ``{kind: count}`` with every kind present (zero when absent).
+    """
+    modules = dict(model.named_modules())
+    output_embeddings = _output_embeddings(model)
+    kinds = {name: _kind_from_class(module) for name, module in modules.items()}
+    # Transformer blocks: parents of attention modules.
+    blocks = {name.rpartition(".")[0] for name, kind in kinds.items() if kind == "attention" and name}
+    breakdown = dict.fromkeys(BREAKDOWN_KINDS, 0)
+    for name, param in _unique_parameters(model):
+        owner = name.rpartition(".")[0]
+        if output_embeddings is not None and modules[owner] is output_embeddings:
+            kind = "lm_head"
+        else:
+            chain = _ancestors(owner)  # owner first, root last
+            kind = next((kinds[n] for n in chain if kinds[n] is not None), None)
+            if kind is None:
+                kind = "mlp" if any(n in blocks for n in chain) else "other"
+        breakdown[kind] += param.numel()
+    return breakdown
+
+
+def throughput(
+    model: nn.Module,
+    *,
+    seqlen: int = 512,
+    batch_size: int = 1,
+    repeats: int = 3,
+    warmup: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Prefill throughput: timed full forward passes on random token ids.
+
+    Args:
+        model: a causal LM (its vocabulary size is read from ``config.vocab_size`` or the input
+            embedding).
+        seqlen: tokens per sequence.
+        batch_size: sequences per forward pass.
+        repeats: timed passes; the median is reported.
+        warmup: untimed passes first.
+        seed: seed of the generator that draws the token ids.
+
+    Returns:
+        ``{"tokens_per_s", "seconds_per_forward", "seqlen", "batch_size", "repeats", "times"}``
+        where ``tokens_per_s = batch_size * seqlen / seconds_per_forward`` (median).
+    """
+    for name, value in (("seqlen", seqlen), ("batch_size", batch_size), ("repeats", repeats)):
+        _check_positive(name, value)
+    if warmup < 0:
+        raise InputError(f"warmup must be >= 0, got {warmup}", hint="pass warmup >= 0")
+    device = _device(model)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, _vocab_size(model), (batch_size, seqlen), generator=generator).to(device)
+    times: list[float] = []
+    with _eval_mode(model), torch.inference_mode():
+        for i in range(warmup + repeats):
+            _synchronize(device)
+            start = time.perf_counter()
+            _logits(model, ids)
+            _synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    return {
+        "tokens_per_s": batch_size * seqlen / seconds,
+        "seconds_per_forward": seconds,
+        "seqlen": seqlen,
+        "batch_size": batch_size,
+        "repeats": repeats,
+        "times": times,
+    }
+
+
+def evaluate(
+    model: nn.Module,
+    windows: torch.Tensor,
+    *,
+    batch_size: int = 1,
+    measure_throughput: bool = True,
+    throughput_repeats: int = 3,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Perplexity, parameter counts and prefill throughput in one JSON-ready dict.
+
+    Args:
+        model: a causal LM.
+        windows: evaluation windows ``[n, seqlen]`` (see :func:`prunecli.data.eval_windows`).
+        batch_size: windows per forward pass for perplexity.
+        measure_throughput: also time forward passes of ``[1, seqlen]`` random ids.
+        throughput_repeats: timed passes for the throughput median.
+        progress: reports the perplexity batches.
+
+    Returns:
+        ``{"perplexity", "params", "params_breakdown", "n_windows", "seqlen", "eval_seconds",
+        "tokens_per_s", "seconds_per_forward"}``; the last two are ``None`` when
+        ``measure_throughput`` is false. ``eval_seconds`` is the wall time of the perplexity pass.
+    """
+    _check_windows(windows)
+    start = time.perf_counter()
+    ppl = perplexity(model, windows, batch_size=batch_size, progress=progress)
+    eval_seconds = time.perf_counter() - start
+    speed = (
+        throughput(model, seqlen=windows.shape[1], repeats=throughput_repeats) if measure_throughput else None
+    )
+    return {
+        "perplexity": ppl,
+        "params": count_parameters(model),
+        "params_breakdown": parameter_breakdown(model),
+        "n_windows": int(windows.shape[0]),
+        "seqlen": int(windows.shape[1]),
+        "eval_seconds": eval_seconds,
+        "tokens_per_s": speed["tokens_per_s"] if speed else None,
+        "seconds_per_forward": speed["seconds_per_forward"] if speed else None,
+    }
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _unique_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """(name, parameter) once per distinct tensor: tied weights by identity or shared storage."""
+    seen: set[object] = set()
+    for name, param in model.named_parameters(remove_duplicate=True):
+        key = (
+            (param.data_ptr(), param.dtype, tuple(param.shape)) if param.device.type != "meta" else id(param)
+        )
+        if key in seen or id(param) in seen:
+            continue
+        seen.update((key, id(param)))
+        yield name, param
+
+
+def _kind_from_class(module: nn.Module) -> str | None:
+    if callable(getattr(module, "get_input_embeddings", None)):
+        return None  # a whole model (PreTrainedModel): its class name says nothing about roles
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    cls = type(module).__name__.lower()
+    for kind, fragments in (
+        ("norm", _NORM),
+        ("embedding", _EMBEDDING),
+        ("attention", _ATTENTION),
+        ("mlp", _MLP),
+    ):
+        if any(f in cls for f in fragments):
+            return kind
+    return None
+
+
+def _ancestors(name: str) -> list[str]:
+    chain = [name]
+    while name:
+        name = name.rpartition(".")[0]
+        chain.append(name)
+    return chain
+
+
+def _output_embeddings(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    if not callable(getter):
+        return None
+    try:
+        return getter()
+    except (NotImplementedError, AttributeError):
+        return None
+
+
+def _vocab_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if isinstance(vocab, int) and vocab > 0:
+        return vocab
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = getter() if callable(getter) else None
+    if isinstance(embedding, nn.Embedding):
+        return embedding.num_embeddings
+    raise InputError(
+        f"cannot find the vocabulary size of {type(model).__name__}",
+        hint="the model needs config.vocab_size or an input embedding",
+    )
+
+
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=ids, use_cache=False)
+    logits = getattr(out, "logits", None)
+    return logits if logits is not None else out[0]
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the block; every submodule's own training flag is restored afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def _check_windows(windows: torch.Tensor) -> None:
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2:
+        raise InputError(
+            "evaluation windows must be a 2-D tensor [n, seqlen]",
+            hint="build them with prunecli.data.eval_windows",
+        )
+    if windows.dtype not in (torch.int64, torch.int32):
+        raise InputError(
+            f"evaluation windows must hold token ids (int64), got {windows.dtype}", hint="use .long()"
+        )
+    n, seqlen = windows.shape
+    if n < 1 or seqlen < 2:
+        raise InputError(
+            f"need at least one window of at least 2 tokens, got shape {tuple(windows.shape)}",
+            hint="use a longer text or a larger sequence length",
+        )
+
+
+def _check_positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}", hint=f"pass {name} >= 1")

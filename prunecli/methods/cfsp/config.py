@@ -1,0 +1,61 @@
+"""Configuration of the CFSP method."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+from prunecli.config import MethodConfig
+from prunecli.errors import InputError
+from prunecli.methods.cfsp.scoring import CODE_ALPHA, CRITERIA
+
+
+@dataclasses.dataclass(frozen=True)
+class CfspConfig(MethodConfig):
+    """CFSP: coarse-to-fine activation-guided structured pruning (Wang et al., COLING 2025).
+
+    CFSP prunes MLP channels only (the paper prunes the FFN intermediate dimension), so here
+    ``sparsity`` is the fraction of the parameters of the MLP channel groups of all layers that
+    is removed, split across layers by the coarse block importance.
+
+    Args:
+        sparsity: fraction of the MLP channel parameters to remove, in (0, 1).
+        criterion: fine channel score, ``paper`` (default, Eq. 8: weights relative to all
+            channels times activations) or ``code`` (the public code's ``three_w_one_wa``,
+            which reduces to the activation norm); see ``prunecli.methods.cfsp.scoring``.
+        alpha: slope of the sigmoid on the centred block importances (the code's ``a`` times
+            its token-count scaling; 26.2144 reproduces it at 128 x 2048 calibration tokens).
+        b: exponent of the activation norm inside the down-projection term.
+        c: exponent of the activation norm factor.
+        batch_size: calibration windows per forward pass.
+        round_to: kept MLP widths are multiples of this number (the paper uses 128).
+        seed: unused (deterministic), kept for a uniform interface.
+        ignore: glob patterns of module names whose groups are never pruned.
+
+    Example:
+        >>> CfspConfig(sparsity=0.3).criterion
+        'paper'
+    """
+
+    method: ClassVar[str] = "cfsp"
+    needs_data: ClassVar[bool] = True
+
+    criterion: str = "paper"
+    alpha: float = CODE_ALPHA
+    b: float = 1.0
+    c: float = 1.0
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.criterion not in CRITERIA:
+            raise InputError(
+                f"unknown CFSP criterion {self.criterion!r}", hint=f"choose one of: {', '.join(CRITERIA)}"
+            )
+        for name in ("alpha", "b", "c"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise InputError(f"{name} must be a non-negative number, got {v!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {self.batch_size!r}")

@@ -1,0 +1,461 @@
+"""Load a model from a folder, a hub id, a ``.gguf`` file or a built-in alias.
+
+Everything heavy (torch, transformers) is imported inside the functions, so importing this
+module is cheap.
+
+Example:
+    >>> from prunecli.models import load_model
+    >>> lm = load_model("smollm2-135m")          # doctest: +SKIP
+    >>> type(lm.model).__name__, lm.kind
+    ('LlamaForCausalLM', 'alias')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from prunecli.errors import (
+    CheckpointError,
+    DependencyMissingError,
+    InputError,
+    ModelNotFoundError,
+    PickleRefusedError,
+    PruneCliError,
+    UnsupportedModelError,
+)
+from prunecli.models.aliases import is_alias, resolve_alias
+from prunecli.models.files import PICKLE_SUFFIXES, check_model_folder, has_tokenizer
+from prunecli.progress import Progress, resolve
+
+# "org/name" or a legacy bare name such as "gpt2".
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+_DTYPE_NAMES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+}
+_MODEL_SUFFIXES = (".gguf", ".safetensors", *PICKLE_SUFFIXES)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A loaded model and where it came from.
+
+    Args:
+        model: the transformers model, in eval mode.
+        tokenizer: its tokenizer, or None when the source has none.
+        spec: what the caller asked for.
+        source: the resolved local path (folder or ``.gguf`` file) or hub id.
+        kind: ``"folder"``, ``"hub"``, ``"gguf"`` or ``"alias"``.
+        load_seconds: wall time of :func:`load_model`.
+    """
+
+    model: Any
+    tokenizer: Any | None
+    spec: str
+    source: str
+    kind: str
+    load_seconds: float
+
+
+def resolve_dtype(dtype: Any) -> Any:
+    """``"float32"`` / ``"bfloat16"`` / ``"float16"`` (or the torch dtype) as a ``torch.dtype``.
+
+    Args:
+        dtype: a name (``fp32``/``bf16``/``fp16`` also accepted) or a torch dtype.
+    """
+    import torch
+
+    allowed = {torch.float32, torch.bfloat16, torch.float16}
+    if isinstance(dtype, torch.dtype):
+        if dtype in allowed:
+            return dtype
+    elif isinstance(dtype, str) and dtype.lower() in _DTYPE_NAMES:
+        return getattr(torch, _DTYPE_NAMES[dtype.lower()])
+    raise InputError(
+        f"unsupported dtype {dtype!r}",
+        hint="use float32, bfloat16 or float16",
+    )
+
+
+def _check_device(device: Any) -> Any:
+    import torch
+
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise InputError(f"invalid device {device!r}", hint="use e.g. cpu, cuda, cuda:1 or mps") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def classify_spec(spec: str, *, allow_pickle: bool = False) -> tuple[str, str]:
+    """Decide what ``spec`` names without loading anything.
+
+    Args:
+        spec: folder, file, hub id or alias.
+        allow_pickle: accept a pickle weight file (its folder is loaded).
+
+    Returns:
+        ``(kind, target)`` with kind one of ``alias``, ``gguf``, ``folder``, ``hub`` and target the
+        resolved path (alias/gguf: the ``.gguf`` file; folder: the folder) or the hub id.
+    """
+    path = Path(spec).expanduser()
+    if is_alias(spec) and not path.exists():
+        return "alias", str(resolve_alias(spec))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return "gguf", str(ggufs[0].resolve())
+            raise ModelNotFoundError(
+                f"{path} is not a model folder: it has no config.json",
+                hint="pass a folder saved with save_pretrained(), a .gguf file, a hub id or an alias",
+            )
+        return "folder", str(path.resolve())
+    if path.is_file():
+        suffix = path.suffix.lower()
+        if suffix == ".gguf":
+            return "gguf", str(path.resolve())
+        if suffix in PICKLE_SUFFIXES or suffix == ".safetensors" or path.name == "config.json":
+            if suffix in PICKLE_SUFFIXES and not allow_pickle:
+                raise PickleRefusedError(
+                    f"{path} is a pickle file; loading it can run arbitrary code",
+                    hint="convert it to safetensors; with --allow-pickle pass the folder that holds it",
+                )
+            if (path.parent / "config.json").is_file():
+                return "folder", str(path.parent.resolve())
+            raise ModelNotFoundError(
+                f"{path} has no config.json beside it",
+                hint="pass the model folder (config.json + weights) instead of a single weight file",
+            )
+        raise ModelNotFoundError(
+            f"{path} is not a model: expected a folder, a .gguf file, a hub id or an alias",
+            hint="pass a folder saved with save_pretrained(), a .gguf file, a hub id or an alias",
+        )
+    looks_like_path = (
+        spec.startswith((".", "/", "~"))
+        or spec.lower().endswith(_MODEL_SUFFIXES)
+        or (os.altsep is not None and os.altsep in spec)
+        or spec.count(os.sep) > 1
+    )
+    if looks_like_path or not _HUB_ID.match(spec):
+        raise ModelNotFoundError(
+            f"no such file or folder: {spec}",
+            hint="check the path; models can also be a hub id (org/name) or an alias (prunecli models list)",
+        )
+    return "hub", spec
+
+
+def load_model(
+    spec: str | os.PathLike[str],
+    *,
+    dtype: Any = "float32",
+    device: Any = "cpu",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
+) -> LoadedModel:
+    """Load a model and its tokenizer for pruning or evaluation.
+
+    ``spec`` may be a local Hugging Face folder (safetensors, sharded or not; prunecli
+    checkpoints with per-layer widths included, loaded without remote code), a hub id
+    (``HuggingFaceTB/SmolLM2-135M``), a ``.gguf`` file (dequantised once into an fp32
+    safetensors cache, see :mod:`prunecli.models.gguf`) or a built-in alias
+    (``smollm2-135m``, see :func:`prunecli.models.list_aliases`).
+
+    Args:
+        spec: what to load.
+        dtype: ``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or a torch dtype.
+        device: where to put the model (passed to ``.to()``).
+        allow_pickle: accept pickle weights (``pytorch_model.bin``, ``*.pt``); they are read with
+            ``weights_only=True`` but are refused by default.
+        trust_remote_code: let transformers run modeling code shipped with the checkpoint.
+        progress: progress reporter.
+
+    Returns:
+        A :class:`LoadedModel` whose model is in eval mode on ``device``.
+
+    Example:
+        >>> lm = load_model("path/to/folder", dtype="bfloat16")  # doctest: +SKIP
+    """
+    start = time.perf_counter()
+    spec_str = os.fspath(spec)
+    torch_dtype = resolve_dtype(dtype)
+    torch_device = _check_device(device)
+    kind, target = classify_spec(spec_str, allow_pickle=allow_pickle)
+    from prunecli.models.hf import quiet_transformers
+
+    with quiet_transformers(), resolve(progress).task(f"loading {spec_str}", total=1) as task:
+        if kind in ("alias", "gguf"):
+            model, tokenizer = _load_gguf(Path(target), torch_dtype, progress)
+        elif kind == "folder":
+            model, tokenizer = _load_folder(
+                Path(target),
+                torch_dtype,
+                allow_pickle=allow_pickle,
+                trust_remote_code=trust_remote_code,
+            )
+        else:
+            model, tokenizer = _load_hub(
+                target, torch_dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+            )
+        try:
+            model = model.to(torch_device)
+        except (RuntimeError, AssertionError, ValueError) as exc:
+            raise InputError(
+                f"cannot move the model to device {str(torch_device)!r}: {_first_line(exc)}",
+                hint="check that the device exists (e.g. torch.cuda.is_available())",
+            ) from exc
+        model.eval()
+        task.advance()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        spec=spec_str,
+        source=target,
+        kind=kind,
+        load_seconds=time.perf_counter() - start,
+    )
+
+
+def _load_gguf(gguf: Path, torch_dtype: Any, progress: Progress | None) -> tuple[Any, Any]:
+    from prunecli.models.gguf import ensure_gguf_cache
+
+    cache = ensure_gguf_cache(gguf, progress=progress)
+    try:
+        return _load_folder(cache, torch_dtype, allow_pickle=False, trust_remote_code=False, strict=True)
+    except CheckpointError:
+        # The entry passed the cheap checks but does not load: rebuild it once.
+        cache = ensure_gguf_cache(gguf, rebuild=True, progress=progress)
+        return _load_folder(cache, torch_dtype, allow_pickle=False, trust_remote_code=False, strict=True)
+
+
+def _load_folder(
+    folder: Path,
+    torch_dtype: Any,
+    *,
+    allow_pickle: bool,
+    trust_remote_code: bool,
+    strict: bool = False,
+) -> tuple[Any, Any]:
+    safe = check_model_folder(folder, allow_pickle=allow_pickle)
+    label = str(folder)
+    config = _load_config(label, trust_remote_code=trust_remote_code, hub=False)
+    strict = strict or (folder / "prunecli.json").is_file()
+    model = _from_pretrained(
+        label,
+        config,
+        torch_dtype,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=safe,
+        strict=strict,
+        hub=False,
+    )
+    tokenizer = _load_tokenizer(label, trust_remote_code=trust_remote_code) if has_tokenizer(folder) else None
+    return model, tokenizer
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # any transport failure means "not reachable"; the reason is not needed
+        return False
+    return True
+
+
+def _load_hub(
+    repo_id: str, torch_dtype: Any, *, allow_pickle: bool, trust_remote_code: bool
+) -> tuple[Any, Any]:
+    from huggingface_hub import try_to_load_from_cache
+
+    local_only = _hub_offline() or not _hub_reachable()
+    if local_only and not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        raise ModelNotFoundError(
+            f"cannot reach the Hugging Face hub for {repo_id!r} (offline?)",
+            hint="check the network, or pass a local folder, a .gguf file or an alias (prunecli models list)",
+        )
+    config = _load_config(repo_id, trust_remote_code=trust_remote_code, hub=True, local_files_only=local_only)
+    model = _from_pretrained(
+        repo_id,
+        config,
+        torch_dtype,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=None if allow_pickle else True,
+        strict=False,
+        hub=True,
+        local_files_only=local_only,
+    )
+    try:
+        tokenizer = _load_tokenizer(repo_id, trust_remote_code=trust_remote_code, local_files_only=local_only)
+    except CheckpointError:
+        tokenizer = None  # a hub repo without tokenizer files (an encoder head, say)
+    return model, tokenizer
+
+
+def _hub_error(repo_id: str, exc: BaseException) -> PruneCliError:
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    chain: list[BaseException] = []
+    cur: BaseException | None = exc
+    while cur is not None and len(chain) < 10:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    if any(isinstance(e, GatedRepoError) for e in chain):
+        return ModelNotFoundError(
+            f"the hub repo {repo_id!r} is gated", hint="accept its licence on the hub and run `hf auth login`"
+        )
+    if any(isinstance(e, RepositoryNotFoundError) for e in chain):
+        return ModelNotFoundError(f"no model {repo_id!r} on the Hugging Face hub", hint="check the id")
+    return ModelNotFoundError(
+        f"cannot load {repo_id!r} from the Hugging Face hub: {_first_line(exc)}",
+        hint="check the id and the network; a repo with only pickle weights needs --allow-pickle",
+    )
+
+
+def _load_config(source: str, *, trust_remote_code: bool, hub: bool, local_files_only: bool = False) -> Any:
+    from transformers import AutoConfig
+
+    label = source if hub else str(Path(source) / "config.json")
+    try:
+        return AutoConfig.from_pretrained(
+            source, trust_remote_code=trust_remote_code, local_files_only=local_files_only
+        )
+    except (ValueError, KeyError) as exc:
+        msg = _first_line(exc)
+        if "trust_remote_code" in str(exc):
+            raise UnsupportedModelError(
+                f"{label} needs modeling code shipped with the checkpoint",
+                hint="pass --trust-remote-code if you trust the checkpoint's author",
+            ) from exc
+        if "model_type" in str(exc) or "Unrecognized model" in str(exc) or "recogni" in str(exc):
+            import transformers
+
+            raise UnsupportedModelError(
+                f"transformers {transformers.__version__} does not know the architecture in {label}: {msg}",
+                hint="upgrade transformers, or pass --trust-remote-code if the checkpoint ships its code",
+            ) from exc
+        raise CheckpointError(f"invalid model config {label}: {msg}") from exc
+    except OSError as exc:
+        if hub:
+            raise _hub_error(source, exc) from exc
+        raise CheckpointError(f"cannot read {label}: {_first_line(exc)}") from exc
+
+
+def _model_class(config: Any, *, trust_remote_code: bool) -> Any:
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_MAPPING
+
+    from prunecli.checkpoint.modeling_prunecli import (
+        heterogeneous_class,
+        per_layer_overrides,
+        stock_class_name,
+    )
+
+    if per_layer_overrides(config):
+        try:
+            return heterogeneous_class(stock_class_name(config))
+        except (ValueError, AttributeError) as exc:
+            raise UnsupportedModelError(
+                f"cannot build per-layer widths for model_type {config.model_type!r}: {_first_line(exc)}"
+            ) from exc
+    auto_map = getattr(config, "auto_map", None) or {}
+    if trust_remote_code and auto_map:
+        for key in ("AutoModelForCausalLM", "AutoModel"):
+            if key in auto_map:
+                return getattr(transformers, key)
+    try:
+        return getattr(transformers, stock_class_name(config))
+    except (ValueError, AttributeError):
+        pass
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return transformers.AutoModelForCausalLM
+    if type(config) in MODEL_MAPPING:
+        return transformers.AutoModel
+    raise UnsupportedModelError(f"transformers has no model class for model_type {config.model_type!r}")
+
+
+def _from_pretrained(
+    source: str,
+    config: Any,
+    torch_dtype: Any,
+    *,
+    trust_remote_code: bool,
+    use_safetensors: bool | None,
+    strict: bool,
+    hub: bool,
+    local_files_only: bool = False,
+) -> Any:
+    cls = _model_class(config, trust_remote_code=trust_remote_code)
+    kwargs: dict[str, Any] = {
+        "config": config,
+        "dtype": torch_dtype,
+        "use_safetensors": use_safetensors,
+        "output_loading_info": True,
+        "local_files_only": local_files_only,
+    }
+    if cls.__name__.startswith("AutoModel"):
+        kwargs["trust_remote_code"] = trust_remote_code
+    try:
+        model, info = cls.from_pretrained(source, **kwargs)
+    except ImportError as exc:
+        raise DependencyMissingError(f"loading {source} needs a missing package: {_first_line(exc)}") from exc
+    except OSError as exc:
+        if hub:
+            raise _hub_error(source, exc) from exc
+        raise CheckpointError(f"cannot read the weights in {source}: {_first_line(exc)}") from exc
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(
+            f"the weights in {source} do not load into its config: {_first_line(exc)}",
+            hint="the weight shapes and config.json disagree; re-save the checkpoint",
+        ) from exc
+    except Exception as exc:
+        if type(exc).__name__ == "SafetensorError":
+            raise CheckpointError(f"corrupt safetensors weights in {source}: {_first_line(exc)}") from exc
+        raise
+    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    bad = {k: v for k, v in problems.items() if v and (strict or k == "mismatched_keys")}
+    if bad:
+        details = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v[:4]))}" for k, v in bad.items())
+        raise CheckpointError(
+            f"the weights in {source} do not match its config.json ({details})",
+            hint="the checkpoint is incomplete or was edited; re-save it",
+        )
+    return model
+
+
+def _load_tokenizer(source: str, *, trust_remote_code: bool, local_files_only: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code, local_files_only=local_files_only
+        )
+    except ImportError as exc:
+        raise DependencyMissingError(
+            f"the tokenizer of {source} needs a missing package: {_first_line(exc)}"
+        ) from exc
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"cannot load the tokenizer in {source}: {_first_line(exc)}") from exc

@@ -1,0 +1,137 @@
+"""Tiny random models, one per architecture the engine must cover (shared by tests)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DECODERS: dict[str, dict] = {
+    "llama": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96),
+    "mistral": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96),
+    "qwen2": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96),
+    "qwen3": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96),
+    "gemma": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96),
+    "gemma2": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96),
+    "gemma3_text": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=96),
+    "phi3": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, pad_token_id=0),
+}
+
+
+def tiny_config(model_type: str):
+    from transformers import AutoConfig
+
+    if model_type in DECODERS:
+        kw = dict(hidden_size=64, num_hidden_layers=2, vocab_size=128, max_position_embeddings=64)
+        kw.update(DECODERS[model_type])
+        return AutoConfig.for_model(model_type, **kw)
+    if model_type == "gpt2":
+        return AutoConfig.for_model("gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)
+    if model_type == "opt":
+        return AutoConfig.for_model(
+            "opt",
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=96,
+            vocab_size=128,
+            max_position_embeddings=64,
+            word_embed_proj_dim=64,
+        )
+    if model_type == "bert":
+        return AutoConfig.for_model(
+            "bert",
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=96,
+            vocab_size=128,
+            max_position_embeddings=64,
+        )
+    if model_type == "vit":
+        return AutoConfig.for_model(
+            "vit",
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=96,
+            image_size=32,
+            patch_size=8,
+            num_channels=3,
+        )
+    raise KeyError(model_type)
+
+
+def tiny_model(model_type: str, seed: int = 0) -> nn.Module:
+    """A randomly initialised tiny model of ``model_type`` in eval mode (float32)."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(model_type)
+    cls = AutoModel if model_type in ("bert", "vit") else AutoModelForCausalLM
+    model = cls.from_config(cfg).eval()
+    # random (not zero) biases and norm weights so that exactness tests mean something
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def example_input(model_type: str, batch: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    if model_type == "vit":
+        return torch.randn(batch, 3, 32, 32, generator=g)
+    return torch.randint(1, 128, (batch, 9), generator=g)
+
+
+def model_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        if x.dtype == torch.long:
+            out = model(input_ids=x)
+        else:
+            out = model(x)
+    if isinstance(out, torch.Tensor):
+        return out
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+class TinyCNN(nn.Module):
+    """Residual adds, a channel concat, batch norms and a depthwise conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.a1 = nn.Conv2d(16, 24, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(24)
+        self.a2 = nn.Conv2d(24, 16, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.b1 = nn.Conv2d(16, 8, 1)
+        self.b2 = nn.Conv2d(16, 12, 1)
+        self.merge = nn.Conv2d(20, 16, 1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn0(self.stem(x)))
+        r = torch.relu(self.bn1(self.a1(x)))
+        x = x + self.a2(r)  # residual add
+        x = torch.relu(self.dw(x))
+        cat = torch.cat([torch.relu(self.b1(x)), torch.relu(self.b2(x))], dim=1)  # concat
+        x = x + self.merge(cat)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def tiny_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = TinyCNN().eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.normal_()
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.normal_()
+                mod.bias.normal_()
+    return m
+
+
+ALL = [*DECODERS, "gpt2", "opt", "bert", "vit"]

@@ -71,7 +71,7 @@ def tiny_model(model_type: str, seed: int = 0) -> nn.Module:
     model = cls.from_config(cfg).eval()
     # random (not zero) biases and norm weights so that exactness tests mean something
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(0.1 * torch.randn_like(p))
     return model

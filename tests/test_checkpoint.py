@@ -381,3 +381,11 @@ def test_input_folder_is_never_overwritten(tmp_path):
     with pytest.raises(OutputExistsError, match="loaded from"):
         save_checkpoint(loaded.model, None, src, provenance={"v": 2}, overwrite=True)
     assert {p.name: p.stat().st_mtime_ns for p in src.iterdir()} == before
+
+
+def test_bad_shard_size_refused_before_writing(tmp_path):
+    from prunecli.checkpoint import save_checkpoint
+
+    with pytest.raises(InputError, match="max_shard_size"):
+        save_checkpoint(build("llama"), None, tmp_path / "s", provenance={}, max_shard_size="2 parsecs")
+    assert list(tmp_path.iterdir()) == []

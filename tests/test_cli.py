@@ -351,19 +351,26 @@ def test_compress_json_end_to_end(tiny_llama_dir: Path, tiny_text_file: Path, tm
     assert (opts.eval_data, opts.max_windows) == (str(tiny_text_file), 4)
 
 
-def test_compress_human_table_and_quiet(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_compress_human_table_quiet_ignore_and_inspect(tiny_llama_dir: Path, tmp_path: Path) -> None:
     result = invoke("compress", tiny_llama_dir, "-m", "magnitude", "-s", "0.3")
     assert result.exit_code == 0, result.stderr
     assert "parameters (whole model)" in result.stdout and "seconds: prune" in result.stdout
+
+    # --ignore keeps layer 0 whole: the checkpoint's widths then differ by layer
     out = tmp_path / "q"
-    result = invoke("compress", tiny_llama_dir, "-m", "magnitude", "-s", "0.3", "-o", out, "-q")
+    args = ["compress", tiny_llama_dir, "-m", "magnitude", "-s", "0.3", "-o", out, "-q"]
+    result = invoke(*args, "--ignore", "model.layers.0.*")
     assert result.exit_code == 0, result.stderr
     assert Path(result.stdout.strip()).resolve() == out.resolve()
-    # --overwrite replaces the folder
-    result = invoke(
-        "compress", tiny_llama_dir, "-m", "magnitude", "-s", "0.5", "-o", out, "-q", "--overwrite"
-    )
+    report = json.loads(invoke("inspect", out, "--json").stdout)
+    assert list(report["per_layer_config"]) == ["1"]
+    assert report["config"]["intermediate"] == 128 and report["config"]["heads"] == 4  # layer 0
+    layer1 = report["per_layer_config"]["1"]
+    assert layer1.get("intermediate_size", 128) < 128 or layer1.get("num_attention_heads", 4) < 4
+
+    result = invoke(*args, "--overwrite")  # uniform this time, replacing the folder
     assert result.exit_code == 0, result.stderr
+    assert json.loads(invoke("inspect", out, "--json").stdout)["per_layer_config"] == {}
 
 
 def test_eval_json(tiny_llama_dir: Path, tiny_text_file: Path) -> None:

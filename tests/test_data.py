@@ -63,6 +63,9 @@ def test_jsonl_field_and_blank_lines(tmp_path: Path) -> None:
     rows = [{"review": d, "score": i} for i, d in enumerate(DOCS)]
     path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + json.dumps(rows[2]) + "\n")
     assert load_texts(str(path), text_field="review") == DOCS
+    odd = ["line\u2028separator and next\x85line", "crlf"]
+    path.write_text("\r\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in odd), encoding="utf-8")
+    assert load_texts(str(path)) == odd
 
 
 def test_jsonl_bad_line_names_line_number(tmp_path: Path) -> None:

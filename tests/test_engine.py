@@ -14,7 +14,6 @@ from prunecli.engine.apply import block_params, count_params, resolve_removals
 from prunecli.errors import PlanError, UnsupportedModelError
 from prunecli.graph import build_graph
 
-
 _GRAPHS: dict[str, object] = {}
 
 

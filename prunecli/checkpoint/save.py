@@ -73,6 +73,20 @@ def _provenance_json(provenance: dict[str, Any]) -> str:
         ) from exc
 
 
+def _check_shard_size(max_shard_size: int | str) -> None:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        ok = convert_file_size_to_int(max_shard_size) > 0
+    except (ValueError, TypeError, AttributeError):
+        ok = False
+    if isinstance(max_shard_size, bool) or not ok:
+        raise InputError(
+            f"invalid max_shard_size {max_shard_size!r}",
+            hint="use a size such as 2GB, 500MB or a number of bytes",
+        )
+
+
 def _stock_base_name(model: Any) -> str | None:
     """The first class in ``type(model)``'s MRO that is a stock transformers class."""
     import transformers
@@ -124,8 +138,6 @@ def _write(
     try:
         with quiet_transformers(), modeling_prunecli.GlobalAccess(config):
             model.save_pretrained(tmp, max_shard_size=max_shard_size)
-    except ValueError as exc:
-        raise InputError(f"cannot save the model: {exc}", hint="check --max-shard-size (e.g. 2GB)") from exc
     finally:
         config.architectures = architectures  # save_pretrained overwrites it with the class name
     _fix_config_json(tmp / "config.json", base_name=base_name, heterogeneous=heterogeneous)
@@ -198,6 +210,7 @@ def save_checkpoint(
             f"refusing to write over {out}: the model was loaded from it",
             hint="choose another output folder; the input model folder is never modified",
         )
+    _check_shard_size(max_shard_size)
     provenance_text = _provenance_json(provenance)
     recipe = provenance.get("recipe") if isinstance(provenance.get("recipe"), dict) else None
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,7 @@ def compress(
         typer.Option(
             "--method",
             "-m",
-            help="Pruning method: magnitude, random, wanda-sp, flap, cfsp, ... (see docs/cli.md).",
+            help="Pruning method, e.g. magnitude, wanda-sp, flap (an unknown name lists them all).",
             rich_help_panel=METHOD_PANEL,
             show_default=False,
         ),

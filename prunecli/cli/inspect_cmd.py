@@ -109,7 +109,8 @@ def render_inspect(console: Console, report: dict[str, Any]) -> None:
     """Tables: config summary, per-layer overrides (if any), parameters by module kind."""
     console.print(
         f"[bold]{escape(report['architecture'])}[/]  {report['parameters']:,} parameters, "
-        f"{report['dtype']}, loaded as {escape(str(report['kind']))} from {escape(report['source'])}"
+        f"{report['dtype']}, loaded as {escape(str(report['kind']))} from {escape(report['source'])}",
+        soft_wrap=True,
     )
     cfg = Table(title="config", show_header=False)
     cfg.add_column("field")

@@ -184,7 +184,8 @@ def _read_text(path: Path) -> str:
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
     texts: list[str] = []
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+    # split on \n only: str.splitlines would also cut at U+2028/U+0085, legal inside JSON strings
+    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:

@@ -174,7 +174,9 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, old: torch.Ten
         mod.register_buffer(leaf, value, persistent=persistent)
 
 
-def apply_plan(model: nn.Module, graph: DependencyGraph, plan: Plan, *, check_fingerprint: bool = True) -> PruneSummary:
+def apply_plan(
+    model: nn.Module, graph: DependencyGraph, plan: Plan, *, check_fingerprint: bool = True
+) -> PruneSummary:
     """Remove the plan's units from ``model`` in place.
 
     Args:
@@ -285,7 +287,9 @@ def _kept(g: Group, removals: dict[str, list[int]]) -> int:
     return g.num_units - len(removals.get(g.name, []))
 
 
-def _update_attention(model: nn.Module, graph: DependencyGraph, removals: dict[str, list[int]]) -> dict[int, dict[str, int]]:
+def _update_attention(
+    model: nn.Module, graph: DependencyGraph, removals: dict[str, list[int]]
+) -> dict[int, dict[str, int]]:
     """Set head counts on attention modules; return per-layer widths."""
     layers: dict[int, dict[str, int]] = defaultdict(dict)
     named = dict(model.named_modules())
@@ -346,7 +350,10 @@ def _first_attr(cfg: Any, names: tuple[str, ...]) -> str | None:
 
 
 def _update_config(
-    model: nn.Module, graph: DependencyGraph, removals: dict[str, list[int]], layers: dict[int, dict[str, int]]
+    model: nn.Module,
+    graph: DependencyGraph,
+    removals: dict[str, list[int]],
+    layers: dict[int, dict[str, int]],
 ) -> None:
     """Record the new widths on ``model.config``: global when uniform, else per layer."""
     cfg = getattr(model, "config", None)
@@ -372,7 +379,9 @@ def _update_config(
         per_layer[layer] = o
     keys = {k for o in per_layer.values() for k in o}
     n_layers = int(getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", len(per_layer))) or 0)
-    uniform = all(len({o.get(k) for o in per_layer.values()}) == 1 for k in keys) and len(per_layer) == n_layers
+    uniform = (
+        all(len({o.get(k) for o in per_layer.values()}) == 1 for k in keys) and len(per_layer) == n_layers
+    )
     if uniform:
         for k in keys:
             setattr(cfg, k, next(iter(per_layer.values()))[k])
@@ -419,10 +428,14 @@ def _apply_bias_updates(model: nn.Module, graph: DependencyGraph, updates: dict[
 
 def _ensure_bias(mod: nn.Linear) -> None:
     if mod.bias is None:
-        mod.bias = nn.Parameter(torch.zeros(mod.out_features, dtype=mod.weight.dtype, device=mod.weight.device))
+        mod.bias = nn.Parameter(
+            torch.zeros(mod.out_features, dtype=mod.weight.dtype, device=mod.weight.device)
+        )
 
 
-def _bias_siblings(model: nn.Module, named: dict[str, nn.Module], attn_modules: set[str], attention: bool) -> None:
+def _bias_siblings(
+    model: nn.Module, named: dict[str, nn.Module], attn_modules: set[str], attention: bool
+) -> None:
     """Give every linear of the flagged kind (inside attention, or in the MLPs) a zero bias."""
     layers = [n for n, m in named.items() if isinstance(m, nn.ModuleList)]
     for name, mod in named.items():

@@ -300,9 +300,18 @@ def _table_from_trace(tr: _Tracer) -> AtomTable:
         k = [uf.find(int(x)) for x in site["k"].tolist()]
         heads.update(q)
         kv.update(k)
-        attention.append({"module": _strip(site["module"]), "q": q, "k": k, "head_dim": int(site["head_dim"])})
+        attention.append(
+            {"module": _strip(site["module"]), "q": q, "k": k, "head_dim": int(site["head_dim"])}
+        )
     return AtomTable(
-        dict(entries), locked, heads, kv, dict(parents), attention, set(tr.used), dict(tr.param_shapes),
+        dict(entries),
+        locked,
+        heads,
+        kv,
+        dict(parents),
+        attention,
+        set(tr.used),
+        dict(tr.param_shapes),
         dict(tr.unknown_ops),
     )
 
@@ -389,7 +398,7 @@ def _groups_from_table(model: nn.Module, table: AtomTable, fingerprint: str) -> 
             atom_group[a] = (name, u)
 
     group_atoms: dict[str, list[Hashable]] = defaultdict(list)
-    for a, (gn, u) in sorted(atom_group.items(), key=lambda t: t[1]):
+    for a, (gn, _) in sorted(atom_group.items(), key=lambda t: t[1]):
         group_atoms[gn].append(a)
     # parents: link children to parent groups
     for name, g in groups.items():
@@ -473,7 +482,11 @@ def _role(pname: str, dim: int, shape: tuple[int, ...], modules: dict[str, nn.Mo
     mod = modules.get(pname.rsplit(".", 1)[0]) if "." in pname else None
     leaf = pname.rsplit(".", 1)[-1]
     if leaf == "bias" or len(shape) == 1:
-        if mod is not None and isinstance(mod, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(mod).__name__.lower():
+        if (
+            mod is not None
+            and isinstance(mod, (nn.LayerNorm, nn.GroupNorm))
+            or "norm" in type(mod).__name__.lower()
+        ):
             return "norm"
         return "bias" if leaf == "bias" else "other"
     if isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D":
@@ -485,4 +498,3 @@ def _role(pname: str, dim: int, shape: tuple[int, ...], modules: dict[str, nn.Mo
     if isinstance(mod, nn.Embedding):
         return "producer" if dim == 1 else "other"
     return "other"
-

@@ -498,9 +498,11 @@ def trace_channels(
                 ids[node] = _none_like(value.shape) if isinstance(value, Tensor) else None
             continue
         if node.op == "output":
-            out_ids = [ids.get(a) for a in torch.fx.node.map_arg(node.args[0], lambda n: n).__iter__()] if isinstance(
-                node.args[0], (list, tuple)
-            ) else [ids.get(node.args[0])]
+            out_ids = (
+                [ids.get(a) for a in torch.fx.node.map_arg(node.args[0], lambda n: n).__iter__()]
+                if isinstance(node.args[0], (list, tuple))
+                else [ids.get(node.args[0])]
+            )
             for v in out_ids:
                 if _is_ids(v):
                     tr.lock(v, "reaches the model output")
@@ -588,7 +590,11 @@ def _propagate(
     name = str(target)
 
     # Views of parameters stay parameter references.
-    if isinstance(iargs[0], ParamRef) and target in {aten.t.default, aten.transpose.int, aten.permute.default}:
+    if isinstance(iargs[0], ParamRef) and target in {
+        aten.t.default,
+        aten.transpose.int,
+        aten.permute.default,
+    }:
         ref: ParamRef = iargs[0]
         n = len(ref.dims)
         if target is aten.permute.default:
@@ -607,7 +613,9 @@ def _propagate(
         b = iargs[2] if len(iargs) > 2 else ikwargs.get("bias")
         if isinstance(w, ParamRef):
             return _linear(tr, x, w, b, out, in_dim_k=1, out_dim_k=0)
-        return _act_matmul(tr, iargs[0], tr.materialize(w) if isinstance(w, ParamRef) else w, out, transpose_b=True)
+        return _act_matmul(
+            tr, iargs[0], tr.materialize(w) if isinstance(w, ParamRef) else w, out, transpose_b=True
+        )
     if target in {aten.mm.default, aten.matmul.default, aten.bmm.default, aten.addmm.default}:
         if target is aten.addmm.default:
             bias, x, w = iargs[0], iargs[1], iargs[2]
@@ -660,7 +668,11 @@ def _propagate(
             return _ids(xi.reshape(()).expand(out.shape).clone())
         return _unknown(tr, name, iargs, rargs, out)
 
-    if target in _MOVE_OPS or target in _MULTI_OUT_MOVE_OPS or target in {aten.cat.default, aten.stack.default}:
+    if (
+        target in _MOVE_OPS
+        or target in _MULTI_OUT_MOVE_OPS
+        or target in {aten.cat.default, aten.stack.default}
+    ):
         if target in {aten.cat.default, aten.stack.default}:
             like = next((i for i in iargs[0] if _is_ids(i)), None)
             parts = [_sub_ids(tr, i, r, like) for i, r in zip(iargs[0], rargs[0])]
@@ -678,7 +690,11 @@ def _propagate(
     if target in _REDUCE_OPS:
         xi = _sub_ids(tr, iargs[0], rargs[0])
         dims = rargs[1] if len(rargs) > 1 else rkwargs.get("dim")
-        keepdim = bool(rargs[2]) if len(rargs) > 2 and isinstance(rargs[2], bool) else bool(rkwargs.get("keepdim", False))
+        keepdim = (
+            bool(rargs[2])
+            if len(rargs) > 2 and isinstance(rargs[2], bool)
+            else bool(rkwargs.get("keepdim", False))
+        )
         if target in {aten.var.correction, aten.std.correction, aten.var_mean.correction}:
             keepdim = bool(rkwargs.get("keepdim", False))
         res = _reduce(tr, xi, dims, keepdim)

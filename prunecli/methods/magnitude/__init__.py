@@ -51,7 +51,11 @@ def unit_sums(values: Tensor, index: list[list[int]]) -> Tensor:
 
 @register_method(MagnitudeConfig)
 def prune_magnitude(
-    model: nn.Module, graph: DependencyGraph, config: MagnitudeConfig, calib: Tensor | None = None, progress=None
+    model: nn.Module,
+    graph: DependencyGraph,
+    config: MagnitudeConfig,
+    calib: Tensor | None = None,
+    progress=None,
 ) -> Plan:
     params = dict(model.named_parameters(remove_duplicate=False))
     scores = {g.name: unit_weight_norms(model, g, params) for g in selectable_groups(graph, config.ignore)}

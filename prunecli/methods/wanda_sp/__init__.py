@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch import Tensor, nn
 
 from prunecli.config import MethodConfig, register_method
@@ -58,12 +57,20 @@ def _consumer(group: Group):
 
 @register_method(WandaSpConfig)
 def prune_wanda_sp(
-    model: nn.Module, graph: DependencyGraph, config: WandaSpConfig, calib: Tensor | None = None, progress=None
+    model: nn.Module,
+    graph: DependencyGraph,
+    config: WandaSpConfig,
+    calib: Tensor | None = None,
+    progress=None,
 ) -> Plan:
     groups = selectable_groups(graph, config.ignore)
     consumers = {g.name: _consumer(g) for g in groups}
     norms = input_sq_norms(
-        model, sorted({c.module for c in consumers.values()}), calib, batch_size=config.batch_size, progress=progress
+        model,
+        sorted({c.module for c in consumers.values()}),
+        calib,
+        batch_size=config.batch_size,
+        progress=progress,
     )
     params = dict(model.named_parameters(remove_duplicate=False))
     scores = {}

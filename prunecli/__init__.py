@@ -29,7 +29,6 @@ _LAZY = {
     "calibration_windows": "prunecli.data",
     "eval_windows": "prunecli.data",
     "perplexity": "prunecli.evaluate",
-    "evaluate": "prunecli.evaluate",
     "MagnitudeConfig": "prunecli.methods.magnitude",
     "RandomConfig": "prunecli.methods.random",
     "WandaSpConfig": "prunecli.methods.wanda_sp",

@@ -112,8 +112,8 @@ def parameter_breakdown(model: nn.Module) -> dict[str, int]:
     modules = dict(model.named_modules())
     output_embeddings = _output_embeddings(model)
     kinds = {name: _kind_from_class(module) for name, module in modules.items()}
-    # Transformer blocks: parents of attention modules.
-    blocks = {name.rpartition(".")[0] for name, kind in kinds.items() if kind == "attention" and name}
+    # Transformer blocks: parents of attention modules (never the whole model).
+    blocks = {name.rpartition(".")[0] for name, kind in kinds.items() if kind == "attention"} - {""}
     breakdown = dict.fromkeys(BREAKDOWN_KINDS, 0)
     for name, param in _unique_parameters(model):
         owner = name.rpartition(".")[0]

@@ -226,9 +226,12 @@ def test_stock_model_resized_in_place(tmp_path):
     model.config.per_layer_config = {
         0: {"intermediate_size": 96, "num_attention_heads": 2, "num_key_value_heads": 1}
     }
+    model.config.allow_global_per_layer_attribute_access = True  # as the engine leaves it
     expected = logits(model)
 
     out = save_checkpoint(model, None, tmp_path / "engine", provenance={})
+    # needed by AutoConfig.from_pretrained: LlamaConfig's validation reads the global head count
+    assert json.loads((out / "config.json").read_text())["allow_global_per_layer_attribute_access"] is True
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.architectures in (
         None,
         ["LlamaForCausalLM"],
@@ -389,3 +392,49 @@ def test_bad_shard_size_refused_before_writing(tmp_path):
     with pytest.raises(InputError, match="max_shard_size"):
         save_checkpoint(build("llama"), None, tmp_path / "s", provenance={}, max_shard_size="2 parsecs")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_implicit_head_dim_is_written_after_head_pruning(tmp_path):
+    """Qwen2 configs derive head_dim = hidden / heads; after pruning heads config.json must state it."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from prunecli.checkpoint import save_checkpoint
+
+    config = Qwen2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    assert "head_dim" not in config.__dict__
+    model = randomise(AutoModelForCausalLM.from_config(config))
+    for layer in model.model.layers:  # keep query heads 0-1 and key/value head 0 (head size 16)
+        attn = layer.self_attn
+        attn.q_proj = _sliced(attn.q_proj, rows=slice(0, 32))
+        attn.k_proj = _sliced(attn.k_proj, rows=slice(0, 16))
+        attn.v_proj = _sliced(attn.v_proj, rows=slice(0, 16))
+        attn.o_proj = _sliced(attn.o_proj, cols=slice(0, 32))
+    model.config.num_attention_heads, model.config.num_key_value_heads = 2, 1
+    expected = logits(model)
+
+    out = save_checkpoint(model, None, tmp_path / "qwen2", provenance={})
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["head_dim"] == 16 and saved["num_attention_heads"] == 2
+    torch.testing.assert_close(
+        logits(AutoModelForCausalLM.from_pretrained(out).eval()), expected, atol=1e-5, rtol=0
+    )
+
+
+def _sliced(linear, rows=slice(None), cols=slice(None)):
+    import torch
+
+    weight = linear.weight.data[rows, cols]
+    new = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None)
+    new.weight.data = weight.clone()
+    if linear.bias is not None:
+        new.bias.data = linear.bias.data[rows].clone()
+    return new

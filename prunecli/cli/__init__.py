@@ -61,12 +61,14 @@ class _App(TyperGroup):
             code = rv if isinstance(rv, int) else 0
         except ClickException as exc:
             if type(exc).__name__ == "NoArgsIsHelpError":  # bare `prunecli` or `prunecli models`
-                sys.stdout.write(exc.format_message() + "\n")
+                text = exc.format_message()  # empty when rich has already printed the help
+                if text.strip():
+                    sys.stdout.write(text.rstrip("\n") + "\n")
                 code = 0
             else:
                 ctx = getattr(exc, "ctx", None)
                 sys.stderr.write(usage_line(exc.format_message(), getattr(ctx, "command_path", None)) + "\n")
-                code = exc.exit_code if exc.exit_code else EXIT_USAGE
+                code = EXIT_USAGE
         except typer.Abort:
             sys.stderr.write("aborted\n")
             code = EXIT_INTERNAL

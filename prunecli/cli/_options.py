@@ -1,4 +1,4 @@
-"""Options shared by several commands, defined once as ``Annotated`` aliases.
+"""Options shared by several commands, defined once as ``Annotated`` aliases, and their checks.
 
 Commands declare e.g. ``dtype: DtypeOpt = "float32"``; the default lives in the
 signature, the help text and flag names live here.
@@ -6,9 +6,12 @@ signature, the help text and flag names live here.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from prunecli.errors import DataError
 
 MODEL_PANEL = "Model loading"
 DATA_PANEL = "Data"
@@ -98,3 +101,18 @@ MaxWindowsOpt = Annotated[
         show_default=False,
     ),
 ]
+
+
+def check_data_source(source: str | None, flag: str) -> None:
+    """Fail early when a data source names a local file or folder that does not exist.
+
+    Args:
+        source: ``None`` (the shipped sample), a path, or an ``hf:`` dataset spec.
+        flag: the option name used in the message.
+    """
+    if source is None or source.startswith("hf:") or Path(source).exists():
+        return
+    raise DataError(
+        f"{flag}: no such file or folder: {source}",
+        hint="pass a .txt/.jsonl file, a folder of .txt files, or hf:NAME[:CONFIG]:SPLIT[:FIELD]",
+    )

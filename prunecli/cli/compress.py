@@ -27,10 +27,11 @@ from prunecli.cli._options import (
     QuietOpt,
     TextFieldOpt,
     TrustRemoteCodeOpt,
+    check_data_source,
 )
 from prunecli.cli._recipe import coerce_options, load_recipe, parse_set
 from prunecli.cli.output import Output, library_bars_off
-from prunecli.errors import DataError, InputError, OutputExistsError
+from prunecli.errors import InputError, OutputExistsError
 
 METHOD_PANEL = "Method"
 
@@ -353,21 +354,6 @@ def canonical_method(name: str) -> str:
     return matches[0] if matches else name
 
 
-def check_data_source(source: str | None, flag: str) -> None:
-    """Fail early when a data source names a local file or folder that does not exist.
-
-    Args:
-        source: ``None`` (the shipped sample), a path, or an ``hf:`` dataset spec.
-        flag: the option name used in the message.
-    """
-    if source is None or source.startswith("hf:") or Path(source).exists():
-        return
-    raise DataError(
-        f"{flag}: no such file or folder: {source}",
-        hint="pass a .txt/.jsonl file, a folder of .txt files, or hf:NAME[:CONFIG]:SPLIT[:FIELD]",
-    )
-
-
 def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, Any]:
     """Load, prune, evaluate and save as ``opts`` says; print and return the report.
 
@@ -588,8 +574,8 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
     if ppl is not None:
         table.add_row(
             f"perplexity ({ppl['windows']} x {ppl['seqlen']} tokens)",
-            f"{ppl['before']:.2f}",
-            f"{ppl['after']:.2f}",
+            f"{ppl['before']:,.2f}",
+            f"{ppl['after']:,.2f}",
             _fmt_change(ppl["before"], ppl["after"]),
         )
         if ppl["tokens_per_s_before"] is not None and ppl["tokens_per_s_after"] is not None:

@@ -19,8 +19,8 @@ from prunecli.cli._options import (
     SeqlenOpt,
     TextFieldOpt,
     TrustRemoteCodeOpt,
+    check_data_source,
 )
-from prunecli.cli.compress import check_data_source
 from prunecli.cli.output import Output, library_bars_off
 
 

@@ -60,12 +60,11 @@ class RichProgress:
     @contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator[_RichTask]:
         task_id = self._live.add_task(description, total=total)
-        try:
-            yield _RichTask(self._live, task_id)
-        finally:
-            task = self._live.tasks[task_id] if task_id < len(self._live.tasks) else None
-            done = task.total if task is not None and task.total is not None else 1
-            self._live.update(task_id, total=done, completed=done)
+        yield _RichTask(self._live, task_id)
+        # Reached only when the step succeeded: show it as complete even if it under-reported.
+        task = next((t for t in self._live.tasks if t.id == task_id), None)
+        done = task.total if task is not None and task.total is not None else 1
+        self._live.update(task_id, total=done, completed=done)
 
 
 def _finite(obj: Any) -> Any:

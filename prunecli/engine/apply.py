@@ -372,8 +372,8 @@ def _update_config(
             o[heads_attr] = w["heads"]
             if kv_attr:
                 o[kv_attr] = w["kv_heads"]
-            if "head_dim" in cfg.__dict__:
-                o["head_dim"] = w["head_dim"]
+            # stated explicitly: many configs derive it as hidden_size // heads otherwise
+            o["head_dim"] = w["head_dim"]
         if "channels" in w and mlp_attr and w.get("channels_before") == mlp_width:
             o[mlp_attr] = w["channels"]
         per_layer[layer] = o
@@ -385,10 +385,8 @@ def _update_config(
     if uniform:
         for k in keys:
             setattr(cfg, k, next(iter(per_layer.values()))[k])
-        if "head_dim" in cfg.__dict__ and heads_attr:
-            cfg.head_dim = next(iter(layers.values())).get("head_dim", cfg.head_dim)
         return
-    if "head_dim" in cfg.__dict__ and cfg.__dict__.get("head_dim") is None and layers:
+    if any("head_dim" in w for w in layers.values()):
         cfg.head_dim = next(w["head_dim"] for w in layers.values() if "head_dim" in w)
     overrides = {i: o for i, o in per_layer.items() if o}
     cfg.per_layer_config = overrides

@@ -9,7 +9,6 @@ masked units is returned; the engine removes them physically.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from typing import Any
@@ -204,8 +203,14 @@ def _windows(calib: torch.Tensor, seqlen: int | None) -> torch.Tensor:
 
 
 def _select(
-    graph: Any, groups: list[Group], scores: dict[str, torch.Tensor], masks: UnitMasks, ratio: float, config
-):
+    graph: Any,
+    groups: list[Group],
+    scores: dict[str, torch.Tensor],
+    masks: UnitMasks,
+    ratio: float,
+    config: LorapruneConfig,
+) -> dict[str, list[int]]:
+    """Legal uniform removal at ``ratio``; units masked earlier score lowest so they stay removed."""
     forced = {}
     for g in groups:
         s = scores[g.name].clone()
@@ -259,14 +264,13 @@ def run_loraprune(
     prune_log: list[dict[str, Any]] = []
     current = 0.0
     start = time.perf_counter()
-    stack = contextlib.ExitStack()
     try:
         opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / config.steps))
         peft_model.train()
-        stack.enter_context(torch.enable_grad())
         order = batch_order(windows.shape[0], config.steps, config.batch_size, config.seed)
-        with resolve(progress).task("loraprune: fine-tuning and pruning", total=config.steps) as task:
+        task_cm = resolve(progress).task("loraprune: fine-tuning and pruning", total=config.steps)
+        with torch.enable_grad(), task_cm as task:  # enable_grad: callers may run methods under no_grad
             for step, idx in enumerate(order):
                 loss = lm_loss(peft_model, windows[idx].to(device))
                 if not torch.isfinite(loss):
@@ -310,7 +314,6 @@ def run_loraprune(
                 }
             )
     finally:
-        stack.close()
         masks.remove()
         detach_lora(peft_model, flags)
         model.eval()

@@ -306,7 +306,7 @@ def resolve_options(
             raise InputError(f"{key} must be a positive integer, got {value}")
 
     from prunecli.models import resolve_dtype
-    from prunecli.models.loading import classify_spec
+    from prunecli.models import classify_spec
 
     classify_spec(str(merged["model"]), allow_pickle=bool(merged["allow_pickle"]))
     resolve_dtype(merged["dtype"])

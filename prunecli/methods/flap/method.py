@@ -265,8 +265,9 @@ def prune_flap(
         every output projection that loses input channels.
 
     Example:
-        >>> plan = prune_flap(model, build_graph(model), FlapConfig(sparsity=0.2), windows)
-        >>> apply_plan(model, graph, plan)
+        >>> graph = build_graph(model)                                          # doctest: +SKIP
+        >>> plan = prune_flap(model, graph, FlapConfig(sparsity=0.2), windows)  # doctest: +SKIP
+        >>> apply_plan(model, graph, plan)                                      # doctest: +SKIP
     """
     if calib is None:
         raise DataError("FLAP needs calibration data", hint="pass --calib-data (e.g. a text file)")

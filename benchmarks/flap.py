@@ -45,6 +45,7 @@ def _prunecli_row(method: str, extra: dict[str, Any] | None = None):
         seconds = time.perf_counter() - t
         out = common.measure(loaded.model, data, args)
         out.update(
+            load_s=loaded.load_seconds,
             prune_s=seconds,
             block_sparsity=result.summary.block_sparsity,
             model_sparsity=result.summary.model_sparsity,
@@ -71,6 +72,7 @@ def dense_row(sparsity: float, args: dict[str, Any]) -> dict[str, Any]:
     loaded = common.load_default()
     data = common.windows(loaded.tokenizer, args)
     out = common.measure(loaded.model, data, args)
+    out["load_s"] = loaded.load_seconds
     out["dense_calib_pass_s"] = common.dense_pass_seconds(loaded.model, data["calib"])
     return out
 

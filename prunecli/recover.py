@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -86,7 +87,10 @@ def attach_lora(
         target_modules=names,
         bias="none",
     )
-    peft_model = get_peft_model(model, cfg)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing`; nothing for the user to do
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, cfg)
     for n, p in peft_model.named_parameters():
         p.requires_grad = "lora_" in n
     return peft_model, flags

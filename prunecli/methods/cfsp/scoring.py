@@ -42,6 +42,10 @@ Fine step (inside a block)
     kept for reproducing the public release; ``"paper"`` is the default because the paper
     describes (and its ablation credits) a criterion that uses the weights as well as the
     activations, and only the across-channel normalisation of Eq. 8 gives the weights a say.
+    Measured on SmolLM2-135M (16 x 128 Emma calibration windows, perplexity on 8 x 256
+    Persuasion windows, dense 45.2): at 20 % of the MLP channels ``paper`` 60.1, ``code`` 61.0;
+    at 40 % 90.9 and 89.3 (within noise of each other); the same ``paper`` scores with a uniform
+    allocation (``alpha=0``) give 65.5 and 107.4, so the coarse allocation is what matters most.
 
     Source note: the paper's full text was not reachable from this machine; Eq. 8 is taken
     from a third-party transcription (OptiPFair's ``compute_neuron_pair_importance_maw_hybrid``

@@ -66,22 +66,16 @@ def adapter_targets(model: nn.Module, graph: Any, groups: list[Group]) -> list[s
     return list(dict.fromkeys(names))
 
 
-def _member_importance(
-    model: nn.Module, member: Member, cache: dict[str, torch.Tensor]
-) -> torch.Tensor | None:
-    """Per-weight LoRAPrune importance of ``member``'s parameter, or ``None`` without adapter/grad."""
-    if member.module in cache:
-        return cache[member.module]
-    mod = model.get_submodule(member.module)
+def _lora_importance(model: nn.Module, module: str) -> torch.Tensor | None:
+    """Per-weight LoRAPrune importance of ``module``'s weight, or ``None`` without adapter/grad."""
+    mod = model.get_submodule(module)
     lora_a = getattr(mod, "lora_A", None)
     if lora_a is None or "default" not in lora_a:
         return None
     a, b = mod.lora_A["default"].weight, mod.lora_B["default"].weight
     if a.grad is None or b.grad is None:
         return None
-    imp = lora_weight_importance(mod.base_layer.weight, a, b, a.grad, b.grad, float(mod.scaling["default"]))
-    cache[member.module] = imp
-    return imp
+    return lora_weight_importance(mod.base_layer.weight, a, b, a.grad, b.grad, float(mod.scaling["default"]))
 
 
 def group_importance(
@@ -109,27 +103,37 @@ def group_importance(
     Returns:
         group name -> float32 ``[num_units]``.
     """
-    cache: dict[str, torch.Tensor] = {}
+    # Only the per-index sums are kept (one full importance matrix is alive at a time).
+    cache: dict[tuple[str, int], torch.Tensor | None] = {}
 
-    def imp_of(m: Member) -> torch.Tensor | None:
-        if weight_importance is not None:
-            return weight_importance.get(m.module)
-        return _member_importance(model, m, cache)
+    def per_index(m: Member) -> torch.Tensor | None:
+        key = (m.module, m.dim)
+        if key not in cache:
+            if weight_importance is not None:
+                imp = weight_importance.get(m.module)
+            else:
+                imp = _lora_importance(model, m.module)
+            if imp is None:
+                cache[key] = None
+            else:
+                other = [d for d in range(imp.dim()) if d != m.dim]
+                cache[key] = imp.float().sum(dim=other) if other else imp.float()
+        return cache[key]
 
     out: dict[str, torch.Tensor] = {}
     for g in groups:
         vectors = []
         for m in _linear_members(model, g):
-            imp = imp_of(m)
-            if imp is not None:
-                vectors.append(unit_sums(imp, m.dim, m.index))
+            v = per_index(m)
+            if v is not None:
+                vectors.append(unit_sums(v, 0, m.index))
         if g.parent and g.parent_of is not None:
             parent = graph.groups[g.parent]
             child_of = torch.tensor(g.parent_of, dtype=torch.long)
             for m in _linear_members(model, parent):
-                imp = imp_of(m)
-                if imp is not None:
-                    vectors.append(unit_sums(imp, m.dim, m.index).index_select(0, child_of))
+                v = per_index(m)
+                if v is not None:
+                    vectors.append(unit_sums(v, 0, m.index).index_select(0, child_of))
         if not vectors:
             raise UnsupportedModelError(f"group {g.name} has no linear weight with a LoRA adapter")
         out[g.name] = combine(vectors, normalize=normalize)

@@ -30,7 +30,7 @@ import common  # noqa: E402
 PAPER_RATIO = {0.2: 14.62 / 12.62, 0.5: 31.80 / 12.62}
 
 
-def _prunecli_row(method: str, extra: dict[str, Any] | None = None):
+def _prunecli_row(method: str, extra: dict[str, Any] | None = None, recover: bool = False):
     def row(sparsity: float, args: dict[str, Any]) -> dict[str, Any]:
         from prunecli.api import prune
         from prunecli.config import get_method
@@ -39,11 +39,16 @@ def _prunecli_row(method: str, extra: dict[str, Any] | None = None):
         data = common.windows(loaded.tokenizer, args)
         cls, _ = get_method(method)
         options = {"sparsity": sparsity, "round_to": args["round_to"], **(extra or {})}
+        if method == "loraprune":
+            options.update(args["loraprune"])
         cfg = cls(**options)
         t = time.perf_counter()
         result = prune(loaded.model, cfg, data["calib"] if cfg.needs_data else None)
         seconds = time.perf_counter() - t
-        out = common.measure(loaded.model, data, args)
+        out = {}
+        if recover:
+            out = _recover(loaded, args)
+        out.update(common.measure(loaded.model, data, args))
         out.update(
             load_s=loaded.load_seconds,
             prune_s=seconds,
@@ -66,6 +71,26 @@ def _prunecli_row(method: str, extra: dict[str, Any] | None = None):
         return out
 
     return row
+
+
+def _recover(loaded, args: dict[str, Any]) -> dict[str, Any]:
+    """LoRA recovery on a calibration novel (never the held-out one), same budget for all rows."""
+    from prunecli.data import calibration_windows
+    from prunecli.recover import recover
+
+    r = args["recovery"]
+    windows = calibration_windows(
+        loaded.tokenizer,
+        str(common.DATA / r["data"]),
+        nsamples=r["steps"] * r["batch_size"],
+        seqlen=r["seqlen"],
+        seed=args["seed"],
+    )
+    t = time.perf_counter()
+    log = recover(
+        loaded.model, loaded.tokenizer, windows, steps=r["steps"], batch_size=r["batch_size"], lr=r["lr"]
+    )
+    return {"recover_s": time.perf_counter() - t, "recover_loss": [log["loss_first"], log["loss_last"]]}
 
 
 def dense_row(sparsity: float, args: dict[str, Any]) -> dict[str, Any]:
@@ -139,12 +164,17 @@ ROWS = {
     "random": _prunecli_row("random"),
     "tp-magnitude": _tp_row("magnitude"),
     "tp-taylor": _tp_row("taylor"),
+    "cfsp": _prunecli_row("cfsp"),
+    "loraprune": _prunecli_row("loraprune"),
+    "flap+recovery": _prunecli_row("flap", recover=True),
+    "cfsp+recovery": _prunecli_row("cfsp", recover=True),
 }
+DEFAULT_ROWS = "dense,flap,wanda-sp,magnitude,random,tp-magnitude,tp-taylor"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated rows")
+    ap.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated, from: {','.join(ROWS)}")
     ap.add_argument("--sparsities", default="0.2,0.5")
     ap.add_argument("--nsamples", type=int, default=256, help="calibration windows (paper: 1024)")
     ap.add_argument("--calib-seqlen", type=int, default=128)
@@ -154,6 +184,10 @@ def main() -> None:
     ap.add_argument("--round-to", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--save-dir", default="", help="also save each pruned checkpoint here (timed)")
+    ap.add_argument("--lp-steps", type=int, default=150, help="LoRAPrune fine-tuning steps")
+    ap.add_argument("--lp-prune-every", type=int, default=10)
+    ap.add_argument("--recover-steps", type=int, default=80, help="LoRA recovery steps (+recovery rows)")
+    ap.add_argument("--recover-data", default="austen_mansfieldpark.txt")
     ap.add_argument("--out", default="docs/benchmarks/flap.json")
     a = ap.parse_args()
     args = {
@@ -165,6 +199,14 @@ def main() -> None:
         "round_to": a.round_to,
         "seed": a.seed,
         "save_dir": a.save_dir,
+        "loraprune": {"steps": a.lp_steps, "prune_every": a.lp_prune_every, "seqlen": 128, "batch_size": 2},
+        "recovery": {
+            "steps": a.recover_steps,
+            "batch_size": 2,
+            "seqlen": 128,
+            "lr": 2e-4,
+            "data": a.recover_data,
+        },
     }
     rows = a.rows.split(",")
     unknown = [r for r in rows if r not in ROWS]

@@ -34,7 +34,7 @@ _LAZY = {
     "WandaSpConfig": "prunecli.methods.wanda_sp",
     "FlapConfig": "prunecli.methods.flap",
     "CfspConfig": "prunecli.methods.cfsp",
-    "LoraPruneConfig": "prunecli.methods.loraprune",
+    "LorapruneConfig": "prunecli.methods.loraprune",
     "recover": "prunecli.recover",
 }
 

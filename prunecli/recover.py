@@ -166,6 +166,9 @@ def _vocab(model: nn.Module) -> int | None:
     return int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else None
 
 
+RECOVER_BATCH = 4  # windows per step used by the CLI
+
+
 def recover(
     model: nn.Module,
     tokenizer: Any,

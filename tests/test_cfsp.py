@@ -195,6 +195,8 @@ def test_collect_matches_hidden_states(tiny) -> None:
 
 
 def test_prune_cfsp_plan(tiny) -> None:
+    from prunecli.engine.apply import block_params
+
     model, graph, calib = tiny
     cfg = CfspConfig(sparsity=0.5, round_to=8, batch_size=3)
     res = cfsp_scores(model, graph, cfg, calib)
@@ -206,7 +208,9 @@ def test_prune_cfsp_plan(tiny) -> None:
     assert plan.fingerprint == graph.fingerprint
     removed = [len(plan.removals.get(g, [])) for g in res.groups]
     assert removed == res.remove
-    assert sum(removed) == 128  # exactly half of 2 x 128 channels
+    # the budget is half of the attention + MLP parameters, all taken from MLP channels
+    unit = graph[res.groups[0]].unit_params(0)
+    assert abs(sum(removed) * unit - 0.5 * block_params(model, graph)) <= 8 * unit
     assert all((128 - r) % 8 == 0 for r in removed)
     for g in res.groups:  # the lowest scores go
         s = res.scores[g]
@@ -215,8 +219,7 @@ def test_prune_cfsp_plan(tiny) -> None:
 
 
 def test_prune_cfsp_removes_dead_channels_and_applies(tiny) -> None:
-
-    from prunecli.engine.apply import apply_plan
+    from prunecli.engine.apply import apply_plan, block_params
 
     model = copy.deepcopy(tiny[0])
     graph, calib = tiny[1], tiny[2]  # same architecture: the graph of the original applies
@@ -232,7 +235,10 @@ def test_prune_cfsp_removes_dead_channels_and_applies(tiny) -> None:
         before = model(input_ids=calib).logits
     apply_plan(model, graph, plan)
     widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
-    assert sum(widths) == 256 - 64
+    removed = sum(len(v) for v in plan.removals.values())
+    assert sum(widths) == 256 - removed
+    unit = graph["model.layers.0.mlp:channels"].unit_params(0)
+    assert abs(removed * unit - 0.25 * block_params(tiny[0], graph)) <= unit
     with torch.no_grad():
         after = model(input_ids=calib).logits
     assert after.shape == before.shape and torch.isfinite(after).all()
@@ -264,7 +270,8 @@ def test_cfsp_smollm2_quality(shared_data) -> None:
     dense = perplexity(lm.model, ev, batch_size=4)
     graph = build_graph(lm.model)
     ppl = {}
-    for name, cfg in (("cfsp", CfspConfig(sparsity=0.2)), ("uniform", CfspConfig(sparsity=0.2, alpha=0.0))):
+    # 15% of the attention + MLP parameters is exactly 20% of SmolLM2's MLP parameters
+    for name, cfg in (("cfsp", CfspConfig(sparsity=0.15)), ("uniform", CfspConfig(sparsity=0.15, alpha=0.0))):
         model = copy.deepcopy(lm.model)
         plan = prune_cfsp(model, graph, cfg, calib)
         summary = apply_plan(model, graph, plan)

@@ -488,3 +488,43 @@ def test_real_shipped_recipe_runs(tmp_path: Path) -> None:
     assert abs(report["sparsity"]["blocks"] - 0.2) < 0.05
     assert report["params"]["after"] == _saved_parameter_count(out) < 134_515_008
     assert load_recipe(out / "recipe.yaml")["sparsity"] == 0.2
+
+
+def test_compress_with_recovery_and_recover_command(
+    tiny_llama_dir: Path, tiny_text_file: Path, tmp_path: Path
+) -> None:
+    pruned = tmp_path / "pruned"
+    result = invoke(
+        "compress", tiny_llama_dir, "-m", "magnitude", "-s", "0.3", "-o", pruned, "--calib", tiny_text_file,
+        "--seqlen", "16", "--recover-steps", "6", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    rec = report["recovery"]
+    assert rec["steps"] == 6 and math.isfinite(rec["loss_first"]) and math.isfinite(rec["loss_last"])
+    assert report["params"]["after"] == _saved_parameter_count(pruned)  # recovery keeps the shapes
+    assert json.loads((pruned / "prunecli.json").read_text())["recovery"]["steps"] == 6
+
+    recovered = tmp_path / "recovered"
+    result = invoke(
+        "recover", pruned, "--data", tiny_text_file, "-o", recovered, "--steps", "8", "--seqlen", "16",
+        "--batch-size", "2", "--lr", "1e-3", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    rep = json.loads(result.stdout)
+    # (that recovery lowers the loss is tested in test_recover.py with a longer run)
+    assert rep["steps"] == 8 and math.isfinite(rep["loss"]["first"]) and math.isfinite(rep["loss"]["last"])
+    assert _saved_parameter_count(recovered) == report["params"]["after"]
+    prov = json.loads((recovered / "prunecli.json").read_text())
+    assert prov["method"] == "magnitude" and prov["recovery"]["steps"] == 8  # the pruning record is kept
+
+    # bad input: existing output, training text used for evaluation
+    assert_one_error_line(invoke("recover", pruned, "--data", tiny_text_file, "-o", recovered), 2, "exists")
+    assert_one_error_line(
+        invoke(
+            "recover", pruned, "--data", tiny_text_file, "-o", tmp_path / "x", "--eval-data", tiny_text_file
+        ),
+        2,
+        "held-out",
+    )
+    assert not (tmp_path / "x").exists()

@@ -20,6 +20,7 @@ from prunecli.cli import eval_cmd as _eval
 from prunecli.cli import graph as _graph
 from prunecli.cli import inspect_cmd as _inspect
 from prunecli.cli import models as _models
+from prunecli.cli import recover_cmd as _recover
 from prunecli.cli.errors import EXIT_INTERNAL, EXIT_USAGE, report, usage_line
 
 try:  # typer >= 0.22 ships its own copy of click
@@ -121,6 +122,7 @@ app.command("compress", no_args_is_help=True)(_compress.compress)
 app.command("eval", no_args_is_help=True)(_eval.eval_model)
 app.command("graph", no_args_is_help=True)(_graph.graph)
 app.command("inspect", no_args_is_help=True)(_inspect.inspect_model)
+app.command("recover", no_args_is_help=True)(_recover.recover_model)
 app.add_typer(_models.app, name="models")
 
 

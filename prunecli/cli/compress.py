@@ -56,6 +56,8 @@ class CompressOptions:
     eval_data: str | None = None
     eval_seqlen: int = 512
     max_windows: int | None = None
+    recover_steps: int = 0
+    recover_data: str | None = None
     dtype: str = "float32"
     device: str = "cpu"
     allow_pickle: bool = False
@@ -205,6 +207,26 @@ def compress(
             show_default=False,
         ),
     ] = None,
+    recover_steps: Annotated[
+        int,
+        typer.Option(
+            "--recover-steps",
+            min=0,
+            help="After pruning, LoRA-fine-tune this many steps (batch 4) and merge the adapters.",
+            metavar="N",
+            rich_help_panel=METHOD_PANEL,
+        ),
+    ] = 0,
+    recover_data: Annotated[
+        str | None,
+        typer.Option(
+            "--recover-data",
+            help="Text for recovery fine-tuning (default: the calibration text).",
+            metavar="SRC",
+            rich_help_panel=DATA_PANEL,
+            show_default=False,
+        ),
+    ] = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
     allow_pickle: AllowPickleOpt = False,
@@ -248,6 +270,8 @@ def compress(
         "eval_data": eval_data,
         "eval_seqlen": eval_seqlen,
         "max_windows": max_windows,
+        "recover_steps": recover_steps,
+        "recover_data": recover_data,
         "dtype": dtype,
         "device": device,
         "allow_pickle": allow_pickle,
@@ -305,8 +329,7 @@ def resolve_options(
         if value is not None and value < 1:
             raise InputError(f"{key} must be a positive integer, got {value}")
 
-    from prunecli.models import resolve_dtype
-    from prunecli.models import classify_spec
+    from prunecli.models import classify_spec, resolve_dtype
 
     classify_spec(str(merged["model"]), allow_pickle=bool(merged["allow_pickle"]))
     resolve_dtype(merged["dtype"])
@@ -335,7 +358,11 @@ def resolve_options(
             raise OutputExistsError(
                 f"output path exists and is not a folder: {out}", hint="choose another --output"
             )
-    for flag, source in (("--calib", opts.calib), ("--eval-data", opts.eval_data)):
+    for flag, source in (
+        ("--calib", opts.calib),
+        ("--eval-data", opts.eval_data),
+        ("--recover-data", opts.recover_data),
+    ):
         check_data_source(source, flag)
     return opts, config
 
@@ -430,6 +457,33 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
         seconds["prune"] = time.perf_counter() - t
         params_after = count_parameters(model)
 
+        recovery = None
+        if opts.recover_steps:
+            from prunecli.recover import RECOVER_BATCH, recover
+
+            source = opts.recover_data if opts.recover_data is not None else opts.calib
+            train = calibration_windows(
+                tokenizer,
+                source,
+                nsamples=opts.recover_steps * RECOVER_BATCH,
+                seqlen=opts.seqlen,
+                seed=opts.seed,
+                text_field=opts.text_field,
+                progress=progress,
+            )
+            t = time.perf_counter()
+            log = recover(
+                model, tokenizer, train, steps=opts.recover_steps, batch_size=RECOVER_BATCH, progress=progress
+            )
+            seconds["recover"] = time.perf_counter() - t
+            recovery = {
+                "source": source if source is not None else "prunecli/data/sample.txt",
+                "steps": opts.recover_steps,
+                "loss_first": log["loss_first"],
+                "loss_last": log["loss_last"],
+                "hash": data_hash(train),
+            }
+
         if windows is not None:
             t = time.perf_counter()
             ppl_after = evaluate(model, windows, progress=progress)
@@ -452,6 +506,7 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
             "output": None,
             "plan": _plan_section(plan),
             "summary": summary,
+            "recovery": recovery,
         }
         report["sparsity"] = _sparsity_section(config.sparsity, report["params"])
 
@@ -464,6 +519,7 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
                 "config": config.to_dict(),
                 "calibration": calibration,
                 "plan": plan.to_dict(),
+                "recovery": recovery,
                 "summary": summary,
                 "params": report["params"],
                 "perplexity": report["perplexity"],

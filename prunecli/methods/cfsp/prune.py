@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from prunecli.config import register_method
+from prunecli.engine.apply import block_params
 from prunecli.engine.plan import Plan
 from prunecli.errors import SparsityError, UnsupportedModelError
 from prunecli.graph.groups import Group, Member
@@ -115,22 +116,26 @@ def cfsp_scores(
 
     importance = [distance[b] for b in blocks]
     sizes = [g.total_params() for g in groups]
+    # --sparsity is a share of the attention + MLP parameters (as for every method); CFSP
+    # spends all of it on MLP channels, so the MLP share removed is larger
+    target = config.sparsity * block_params(model, graph)
+    mlp_sparsity = target / sum(sizes)
     min_keep = [min(g.num_units, max(1, config.round_to)) for g in groups]
     max_sparsity = min(1.0 - k / g.num_units for k, g in zip(min_keep, groups, strict=True))
-    if config.sparsity > max_sparsity:
+    if mlp_sparsity > max_sparsity:
         raise SparsityError(
-            f"sparsity {config.sparsity} would empty an MLP (at most {max_sparsity:.3f} with round_to="
-            f"{config.round_to})",
+            f"sparsity {config.sparsity} needs {mlp_sparsity:.3f} of the MLP parameters, which would empty "
+            f"an MLP (at most {max_sparsity:.3f} with round_to={config.round_to})",
             hint="lower --sparsity or --round-to",
         )
     sparsity = allocate_sparsity(
-        importance, config.sparsity, sizes=sizes, alpha=config.alpha, max_sparsity=max_sparsity
+        importance, mlp_sparsity, sizes=sizes, alpha=config.alpha, max_sparsity=max_sparsity
     )
     remove = allocate_units(
         sparsity,
         [g.num_units for g in groups],
         [g.unit_params(0) for g in groups],
-        config.sparsity * sum(sizes),
+        target,
         round_to=config.round_to,
     )
 
@@ -201,7 +206,8 @@ def prune_cfsp(
     Args:
         model: the model (not modified).
         graph: its dependency graph.
-        config: CFSP options; ``config.sparsity`` is the share of MLP channel parameters removed.
+        config: CFSP options; ``config.sparsity`` is the share of attention + MLP parameters removed,
+            all of it taken from MLP channels.
         calib: LongTensor ``[n, seqlen]`` of calibration windows.
         progress: optional progress reporter.
 

@@ -498,12 +498,8 @@ def trace_channels(
                 ids[node] = _none_like(value.shape) if isinstance(value, Tensor) else None
             continue
         if node.op == "output":
-            out_ids = (
-                [ids.get(a) for a in torch.fx.node.map_arg(node.args[0], lambda n: n).__iter__()]
-                if isinstance(node.args[0], (list, tuple))
-                else [ids.get(node.args[0])]
-            )
-            for v in out_ids:
+            outs = node.args[0] if isinstance(node.args[0], (list, tuple)) else [node.args[0]]
+            for v in (ids.get(a) for a in outs if isinstance(a, torch.fx.Node)):
                 if _is_ids(v):
                     tr.lock(v, "reaches the model output")
                 elif isinstance(v, ParamRef):
@@ -796,7 +792,6 @@ def _norm(tr: _Tracer, target: Any, rargs: Any, iargs: Any, out: Any) -> Any:
                 tr.unite_pairs(xc, p.dim_ids(0).expand_as(xc))
         return _ids(x.clone())
     shape = rargs[1]
-    n = len(shape)
     flat = x.reshape(-1, math.prod(shape))
     # the normalisation couples every channel it averages over
     rows = torch.unique(flat, dim=0)
@@ -808,7 +803,6 @@ def _norm(tr: _Tracer, target: Any, rargs: Any, iargs: Any, out: Any) -> Any:
             pid = tr.materialize(p).reshape(-1)
             tr.unite_pairs(flat, pid.expand_as(flat))
     res = _ids(x.clone())
-    del n
     if isinstance(out, tuple):
         return (res,) + tuple(_none_like(o.shape) for o in out[1:])
     return res

@@ -28,6 +28,8 @@ RECIPE_KEYS: dict[str, tuple[type, ...]] = {
     "eval_data": (str,),
     "eval_seqlen": (int,),
     "max_windows": (int,),
+    "recover_steps": (int,),
+    "recover_data": (str,),
     "dtype": (str,),
     "device": (str,),
 }

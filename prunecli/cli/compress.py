@@ -328,6 +328,8 @@ def resolve_options(
         value = merged.get(key)
         if value is not None and value < 1:
             raise InputError(f"{key} must be a positive integer, got {value}")
+    if int(merged.get("recover_steps") or 0) < 0:
+        raise InputError(f"recover_steps must be >= 0, got {merged['recover_steps']}")
 
     from prunecli.models import classify_spec, resolve_dtype
 

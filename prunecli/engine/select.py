@@ -137,5 +137,3 @@ def _round_keep(n: int, target: float, round_to: int) -> int:
     keep = int(round(target / step)) * step
     keep = max(step, keep)
     return min(n, keep) if keep <= n else n
-
-

@@ -25,12 +25,9 @@ from prunecli.recover import attach_lora, detach_lora, lm_loss, lora_parameters
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread avoids oversubscription on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread_module):
+    """Tiny matrices: one thread (see conftest.one_thread_module)."""
     yield
-    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------- pure maths

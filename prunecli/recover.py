@@ -80,6 +80,13 @@ def attach_lora(
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise InputError(f"lora rank must be a positive integer, got {rank!r}")
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    if getattr(model, "supports_gradient_checkpointing", False):
+        # recompute each layer's activations in the backward pass instead of keeping them:
+        # training memory stays close to inference memory plus the adapters
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     cfg = LoraConfig(
         r=rank,
         lora_alpha=float(2 * rank if alpha is None else alpha),
@@ -104,6 +111,11 @@ def detach_lora(peft_model: Any, requires_grad: dict[str, bool]) -> nn.Module:
         requires_grad: the flags returned by :func:`attach_lora`, restored here.
     """
     model = peft_model.merge_and_unload()
+    if hasattr(model, "activation_checkpointing_disable"):
+        if model.is_activation_checkpointing:
+            model.activation_checkpointing_disable()
+    elif getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
     for n, p in model.named_parameters():
         p.requires_grad = requires_grad.get(n, p.requires_grad)
     return model

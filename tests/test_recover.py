@@ -96,3 +96,16 @@ def test_helpers() -> None:
     order = batch_order(5, 4, 2, seed=0)
     assert [len(o) for o in order] == [2, 2, 2, 2]
     assert len(set(torch.cat(order[:2]).tolist())) == 4  # no repeat within an epoch
+
+
+def test_activation_checkpointing_only_while_training() -> None:
+    """Adapters train with layer activations recomputed (memory near inference), then it is undone."""
+    from prunecli.recover import attach_lora, detach_lora
+
+    model = build_tiny_llama()
+    peft_model, flags = attach_lora(model, lora_targets(model), rank=4)
+    base = peft_model.get_base_model()
+    assert base.is_activation_checkpointing
+    plain = detach_lora(peft_model, flags)
+    assert not plain.is_activation_checkpointing
+    assert all(p.requires_grad == flags[n] for n, p in plain.named_parameters())

@@ -178,9 +178,6 @@ def _vocab(model: nn.Module) -> int | None:
     return int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else None
 
 
-RECOVER_BATCH = 4  # windows per step used by the CLI
-
-
 def recover(
     model: nn.Module,
     tokenizer: Any,
@@ -274,4 +271,58 @@ def recover(
         "steps": len(losses),
         "seconds": round(time.perf_counter() - start, 3),
         "trainable_params": sum(p.numel() for p in params),
+    }
+
+
+def recover_on_text(
+    model: nn.Module,
+    tokenizer: Any,
+    source: str | None,
+    *,
+    steps: int = 100,
+    batch_size: int = 4,
+    seqlen: int = 128,
+    seed: int = 0,
+    text_field: str = "text",
+    lr: float = 2e-4,
+    lora_rank: int = 8,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Draw ``steps * batch_size`` windows from a text, run :func:`recover`, describe the run.
+
+    Args:
+        model: the (pruned) model, fine-tuned and merged in place.
+        tokenizer: its tokenizer.
+        source: training text (see :func:`prunecli.data.calibration_windows`); ``None`` is the
+            shipped sample.
+        steps, batch_size, seqlen, seed, text_field, lr, lora_rank, progress: as in
+            :func:`recover` and :func:`prunecli.data.calibration_windows`.
+
+    Returns:
+        The provenance record of the recovery: source, options, data hash, first/last loss,
+        trainable parameters and seconds.
+    """
+    from prunecli.data import calibration_windows, data_hash
+
+    train = calibration_windows(
+        tokenizer, source, nsamples=steps * batch_size, seqlen=seqlen, seed=seed, text_field=text_field,
+        progress=progress,
+    )  # fmt: skip
+    log = recover(
+        model, tokenizer, train, steps=steps, lr=lr, lora_rank=lora_rank, batch_size=batch_size, seed=seed,
+        progress=progress,
+    )  # fmt: skip
+    return {
+        "source": source if source is not None else "prunecli/data/sample.txt",
+        "steps": steps,
+        "lr": lr,
+        "lora_rank": lora_rank,
+        "batch_size": batch_size,
+        "seqlen": seqlen,
+        "seed": seed,
+        "hash": data_hash(train),
+        "loss_first": log["loss_first"],
+        "loss_last": log["loss_last"],
+        "trainable_params": log["trainable_params"],
+        "seconds": log["seconds"],
     }

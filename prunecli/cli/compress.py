@@ -461,30 +461,19 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
 
         recovery = None
         if opts.recover_steps:
-            from prunecli.recover import RECOVER_BATCH, recover
+            from prunecli.recover import recover_on_text
 
-            source = opts.recover_data if opts.recover_data is not None else opts.calib
-            train = calibration_windows(
+            recovery = recover_on_text(
+                model,
                 tokenizer,
-                source,
-                nsamples=opts.recover_steps * RECOVER_BATCH,
+                opts.recover_data if opts.recover_data is not None else opts.calib,
+                steps=opts.recover_steps,
                 seqlen=opts.seqlen,
                 seed=opts.seed,
                 text_field=opts.text_field,
                 progress=progress,
             )
-            t = time.perf_counter()
-            log = recover(
-                model, tokenizer, train, steps=opts.recover_steps, batch_size=RECOVER_BATCH, progress=progress
-            )
-            seconds["recover"] = time.perf_counter() - t
-            recovery = {
-                "source": source if source is not None else "prunecli/data/sample.txt",
-                "steps": opts.recover_steps,
-                "loss_first": log["loss_first"],
-                "loss_last": log["loss_last"],
-                "hash": data_hash(train),
-            }
+            seconds["recover"] = recovery["seconds"]
 
         if windows is not None:
             t = time.perf_counter()

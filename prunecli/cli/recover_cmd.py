@@ -62,10 +62,10 @@ def recover_model(
       prunecli recover out/flap50 --data mansfieldpark.txt --steps 200 --eval-data persuasion.txt -o out/flap50-rec
     """
     from prunecli.checkpoint import save_checkpoint
-    from prunecli.data import calibration_windows, data_hash, eval_windows
+    from prunecli.data import eval_windows
     from prunecli.evaluate import perplexity
     from prunecli.models import classify_spec, load_model
-    from prunecli.recover import recover
+    from prunecli.recover import recover_on_text
 
     classify_spec(model)
     check_data_source(data, "--data")
@@ -79,47 +79,29 @@ def recover_model(
     with library_bars_off(), out.progress() as progress:
         loaded = load_model(model, dtype=dtype, device=device, progress=progress)
         seconds["load"] = loaded.load_seconds
-        train = calibration_windows(
-            loaded.tokenizer,
-            data,
-            nsamples=steps * batch_size,
-            seqlen=seqlen,
-            seed=seed,
-            text_field=text_field,
-        )
         held = None
         ppl: dict[str, Any] = {}
         if eval_data is not None:
             held = eval_windows(loaded.tokenizer, eval_data, seqlen=eval_seqlen, max_windows=max_windows)
             ppl["before"] = perplexity(loaded.model, held, progress=progress)
-        t = time.perf_counter()
-        log = recover(
+        recovery = recover_on_text(
             loaded.model,
             loaded.tokenizer,
-            train,
+            data,
             steps=steps,
+            batch_size=batch_size,
+            seqlen=seqlen,
+            seed=seed,
+            text_field=text_field,
             lr=lr,
             lora_rank=lora_rank,
-            batch_size=batch_size,
-            seed=seed,
             progress=progress,
         )
-        seconds["recover"] = time.perf_counter() - t
+        seconds["recover"] = recovery["seconds"]
         if held is not None:
             ppl["after"] = perplexity(loaded.model, held, progress=progress)
         provenance = _input_provenance(loaded.source)
-        provenance["recovery"] = {
-            "source": data,
-            "steps": steps,
-            "lr": lr,
-            "lora_rank": lora_rank,
-            "batch_size": batch_size,
-            "seqlen": seqlen,
-            "seed": seed,
-            "hash": data_hash(train),
-            "loss_first": log["loss_first"],
-            "loss_last": log["loss_last"],
-        }
+        provenance["recovery"] = recovery
         t = time.perf_counter()
         path = save_checkpoint(
             loaded.model,
@@ -134,9 +116,9 @@ def recover_model(
         "model": model,
         "output": str(path),
         "steps": steps,
-        "loss": {"first": log["loss_first"], "last": log["loss_last"]},
+        "loss": {"first": recovery["loss_first"], "last": recovery["loss_last"]},
         "perplexity": ppl or None,
-        "trainable_params": log.get("trainable_params"),
+        "trainable_params": recovery["trainable_params"],
         "seconds": seconds,
     }
     out.result(report, lambda console: _render(console, report), quiet_line=report["output"])

@@ -135,5 +135,4 @@ def _round_keep(n: int, target: float, round_to: int) -> int:
     """Units to keep: nearest multiple of ``round_to`` to ``target``, at least one step, at most n."""
     step = max(1, round_to)
     keep = int(round(target / step)) * step
-    keep = max(step, keep)
-    return min(n, keep) if keep <= n else n
+    return min(n, max(step, keep))

@@ -46,9 +46,6 @@ class DependencyGraph:
     def __getitem__(self, name: str) -> Group:
         return self.groups[name]
 
-    def children_of(self, parent: str) -> list[Group]:
-        return [g for g in self.groups.values() if g.parent == parent]
-
     def to_dict(self, with_index: bool = False) -> dict[str, Any]:
         return {
             "fingerprint": self.fingerprint,

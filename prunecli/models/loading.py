@@ -199,9 +199,9 @@ def load_model(
     from prunecli.models.hf import quiet_transformers
 
     with quiet_transformers(), resolve(progress).task(f"loading {spec_str}", total=1) as task:
-        if kind in ("alias", "gguf"):
+        if kind == "gguf" or (kind == "alias" and not Path(target).is_dir()):
             model, tokenizer = _load_gguf(Path(target), torch_dtype, progress)
-        elif kind == "folder":
+        elif kind in ("folder", "alias"):
             model, tokenizer = _load_folder(
                 Path(target),
                 torch_dtype,

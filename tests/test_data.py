@@ -352,3 +352,46 @@ def test_smollm2_calibration_from_sample(smollm2_tokenizer) -> None:
     assert windows.shape == (128, 128)
     assert windows.max().item() < len(smollm2_tokenizer)
     assert torch.equal(windows, calibration_windows(smollm2_tokenizer, None, nsamples=128, seqlen=128))
+
+
+def _bos_tokenizer():
+    """The tiny word-level tokenizer, made to add ``<s>`` at the start like Gemma/Llama do."""
+    from tokenizers.processors import TemplateProcessing
+
+    from conftest import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    bos = tok.convert_tokens_to_ids("<s>")
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    assert tok("the garden")["input_ids"][0] == bos
+    return tok, bos
+
+
+def test_windows_start_with_bos_when_the_tokenizer_adds_one(tiny_text_file):
+    from prunecli.data import calibration_windows, eval_windows, tokenize_source, window_bos
+
+    tok, bos = _bos_tokenizer()
+    assert window_bos(tok) == bos and window_bos(tok, False) is None
+    stream = tokenize_source(tok, tiny_text_file)
+    assert int(stream[0]) == bos and int((stream == bos).sum()) == 1
+    calib = calibration_windows(tok, tiny_text_file, nsamples=5, seqlen=16)
+    assert calib.shape == (5, 16)
+    assert (calib[:, 0] == bos).all() and not (calib[:, 1:] == bos).any()
+    ev = eval_windows(tok, tiny_text_file, seqlen=16, max_windows=3)
+    assert ev.shape == (3, 16) and (ev[:, 0] == bos).all()
+    # every text token once, in order: the windows' text parts are the stream without its BOS
+    assert torch.equal(ev[:, 1:].reshape(-1), stream[1 : 1 + 45])
+    # bos=False: the reference protocol (windows cut from the stream, one BOS at its start only)
+    raw = eval_windows(tok, tiny_text_file, seqlen=16, max_windows=3, bos=False)
+    assert torch.equal(raw.reshape(-1), stream[:48])
+
+
+def test_no_bos_added_for_tokenizers_without_one(tiny_tokenizer, tiny_text_file):
+    from prunecli.data import eval_windows, tokenize_source, window_bos
+
+    assert window_bos(tiny_tokenizer) is None
+    ev = eval_windows(tiny_tokenizer, tiny_text_file, seqlen=16, max_windows=2)
+    assert torch.equal(ev.reshape(-1), tokenize_source(tiny_tokenizer, tiny_text_file)[:32])
+    assert window_bos(tiny_tokenizer, True) == tiny_tokenizer.bos_token_id
+    with pytest.raises(InputError, match="at least 2"):
+        eval_windows(_bos_tokenizer()[0], tiny_text_file, seqlen=1)

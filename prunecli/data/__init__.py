@@ -16,6 +16,7 @@ from prunecli.data.windows import (
     eval_windows,
     tokenize_source,
     tokenize_texts,
+    window_bos,
 )
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "sample_text",
     "tokenize_source",
     "tokenize_texts",
+    "window_bos",
 ]

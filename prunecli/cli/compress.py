@@ -34,6 +34,8 @@ from prunecli.cli.output import Output, library_bars_off
 from prunecli.errors import InputError, OutputExistsError
 
 METHOD_PANEL = "Method"
+DEFAULT_CALIB = {"nsamples": 128, "seqlen": 128}
+"""Windows and their length for methods whose config has no calibration size (recovery uses seqlen)."""
 
 
 @dataclasses.dataclass
@@ -47,7 +49,7 @@ class CompressOptions:
     overwrite: bool = False
     calib: str | None = None
     text_field: str = "text"
-    nsamples: int = 128
+    nsamples: int = 128  # resolve_options fills in the method's default when none is given
     seqlen: int = 128
     seed: int = 0
     round_to: int = 1
@@ -165,17 +167,28 @@ def compress(
     ] = None,
     text_field: TextFieldOpt = "text",
     nsamples: Annotated[
-        int,
+        int | None,
         typer.Option(
-            "--nsamples", min=1, help="Calibration windows.", metavar="N", rich_help_panel=DATA_PANEL
+            "--nsamples",
+            min=1,
+            help="Calibration windows (default: the method's paper setting, e.g. 1024 for flap; 128 otherwise).",
+            metavar="N",
+            rich_help_panel=DATA_PANEL,
+            show_default=False,
         ),
-    ] = 128,
+    ] = None,
     seqlen: Annotated[
-        int,
+        int | None,
         typer.Option(
-            "--seqlen", min=1, help="Tokens per calibration window.", metavar="L", rich_help_panel=DATA_PANEL
+            "--seqlen",
+            min=1,
+            help="Tokens per calibration window (default: the method's paper setting, e.g. 128 for flap; "
+            "128 otherwise).",
+            metavar="L",
+            rich_help_panel=DATA_PANEL,
+            show_default=False,
         ),
-    ] = 128,
+    ] = None,
     eval_data: Annotated[
         str | None,
         typer.Option(
@@ -339,17 +352,26 @@ def resolve_options(
     config_cls, _ = get_method(merged["method"])
     method_options = coerce_options(recipe.get("set", {}), config_cls)
     method_options.update(parse_set(merged["set"], config_cls))
+    # calibration size: --nsamples/--seqlen (or the recipe's) override the method's paper default
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    calib_size = {
+        key: int(merged[key])
+        for key in ("nsamples", "seqlen")
+        if key in fields and merged.get(key) is not None and (key in on_command_line or key in recipe)
+    }
     try:
         config = config_cls(
             sparsity=float(merged["sparsity"]),
             round_to=int(merged["round_to"]),
             seed=int(merged["seed"]),
             ignore=tuple(merged["ignore"]),
-            **method_options,
+            **{**method_options, **calib_size},
         )
     except (TypeError, ValueError) as e:
         raise InputError(f"invalid options for method {merged['method']!r}: {e}") from None
-    merged["set"] = method_options
+    merged["set"] = {k: v for k, v in method_options.items() if k not in ("nsamples", "seqlen")}
+    for key in ("nsamples", "seqlen"):
+        merged[key] = getattr(config, key) if key in fields else (merged.get(key) or DEFAULT_CALIB[key])
     opts = CompressOptions(**merged)
 
     if opts.output is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -413,7 +414,7 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
         config: the method's config object.
         out: where to print.
     """
-    from prunecli.api import prune
+    from prunecli.api import SparsityWarning, prune
     from prunecli.data import calibration_windows, data_hash, eval_windows
     from prunecli.evaluate import count_parameters, evaluate
     from prunecli.models import load_model
@@ -477,8 +478,12 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
 
         params_before = count_parameters(model)
         t = time.perf_counter()
-        result = prune(model, config, calib=calib, progress=progress)
+        with warnings.catch_warnings():  # printed once below, through `out`
+            warnings.simplefilter("ignore", SparsityWarning)
+            result = prune(model, config, calib=calib, progress=progress)
         seconds["prune"] = time.perf_counter() - t
+        for message in result.warnings:
+            out.warn(message)
         params_after = count_parameters(model)
 
         recovery = None
@@ -521,7 +526,11 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
             "summary": summary,
             "recovery": recovery,
         }
+        # sparsity is a share of every attention + MLP block, locked or ignored ones included
+        report["params"]["blocks_before"] = result.block_params_before
+        report["params"]["blocks_after"] = result.block_params_after
         report["sparsity"] = _sparsity_section(config.sparsity, report["params"])
+        report["warnings"] = list(result.warnings)
 
         if opts.output is not None:
             from prunecli.checkpoint import save_checkpoint

@@ -81,8 +81,8 @@ def sparsity_warning(
         method: method name for the message.
 
     Example:
-        >>> sparsity_warning(0.2, 0.146, 100, 10_000, 7_300, "magnitude")[:40]
-        'magnitude removed 0.1460 of the attention'
+        >>> sparsity_warning(0.2, 0.146, 100, 10_000, 7_300, "magnitude")[:31]
+        'magnitude removed 0.1460 of the'
     """
     if total <= 0 or abs(achieved - target) <= step / total + 1e-9:
         return None

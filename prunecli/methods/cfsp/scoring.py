@@ -156,7 +156,7 @@ def allocate_sparsity(
         sum(sizes)`` (to rounding) and ``min_sparsity <= s_l <= max_sparsity``.
 
     Example:
-        >>> allocate_sparsity([1.0, 1.0], 0.3).tolist()
+        >>> [round(s, 12) for s in allocate_sparsity([1.0, 1.0], 0.3).tolist()]
         [0.3, 0.3]
     """
     imp = torch.as_tensor(importances, dtype=torch.float64).flatten()

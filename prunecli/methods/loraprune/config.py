@@ -53,8 +53,6 @@ class LorapruneConfig(DataMethodConfig):
     Example:
         >>> LorapruneConfig(sparsity=0.2, steps=50).prune_every
         10
-        >>> protected_layers(LorapruneConfig(), 30)
-        [0, 1, 2, 29]
     """
 
     method: ClassVar[str] = "loraprune"

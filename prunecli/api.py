@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -14,7 +15,12 @@ from prunecli.engine import Plan, PruneSummary, apply_plan
 from prunecli.engine.select import selectable_groups
 from prunecli.errors import DataError, UnsupportedModelError
 from prunecli.graph import DependencyGraph, build_graph
+from prunecli.methods._budget import all_block_params, group_cost, largest_step
 from prunecli.progress import Progress, resolve
+
+
+class SparsityWarning(UserWarning):
+    """The achieved sparsity differs from the requested one by more than one removal step."""
 
 
 @dataclasses.dataclass
@@ -23,23 +29,72 @@ class PruneResult:
 
     Attributes:
         plan: the applied plan (replayable with ``prunecli.engine.replay_plan``).
-        summary: parameter counts before/after and removed units.
+        summary: parameter counts before/after and removed units (the engine's count of the
+            prunable blocks).
         config: the method config.
         seconds: wall time of graph building, scoring and removal.
+        block_params_before / block_params_after: parameters of every attention + MLP block,
+            prunable or locked (what ``sparsity`` is a fraction of).
+        achieved_sparsity: ``1 - block_params_after / block_params_before``.
+        warnings: messages about the result (also issued as :class:`SparsityWarning`).
     """
 
     plan: Plan
     summary: PruneSummary
     config: MethodConfig
     seconds: dict[str, float]
+    block_params_before: int = 0
+    block_params_after: int = 0
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def achieved_sparsity(self) -> float:
+        return 1.0 - self.block_params_after / max(1, self.block_params_before)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "method": self.config.method,
             "config": self.config.to_dict(),
             "summary": self.summary.to_dict(),
+            "sparsity": {
+                "target": self.config.sparsity,
+                "achieved": self.achieved_sparsity,
+                "block_params_before": self.block_params_before,
+                "block_params_after": self.block_params_after,
+            },
+            "warnings": list(self.warnings),
             "seconds": self.seconds,
         }
+
+
+def sparsity_warning(
+    target: float, achieved: float, step: int, total: int, prunable: int, method: str = ""
+) -> str | None:
+    """The warning for a result that misses ``target`` by more than one step, else ``None``.
+
+    Args:
+        target: requested fraction of all attention + MLP parameters.
+        achieved: removed fraction of them.
+        step: parameters of the coarsest legal removal step (see ``largest_step``).
+        total: parameters of all attention + MLP blocks.
+        prunable: parameters of the groups the method may prune.
+        method: method name for the message.
+
+    Example:
+        >>> sparsity_warning(0.2, 0.146, 100, 10_000, 7_300, "magnitude")[:31]
+        'magnitude removed 0.1460 of the'
+    """
+    if total <= 0 or abs(achieved - target) <= step / total + 1e-9:
+        return None
+    msg = f"{method + ' ' if method else ''}removed {achieved:.4f} of the attention + MLP parameters, asked {target:g}"
+    if prunable < total:
+        msg += (
+            f"; only {prunable / total:.1%} of them are in groups it may prune (the others are locked "
+            "or excluded by --ignore)"
+        )
+    else:
+        msg += "; the legal widths (grouped-query heads, --round-to) are coarser than the target"
+    return msg
 
 
 def prune(
@@ -60,7 +115,10 @@ def prune(
         progress: progress reporter.
 
     Returns:
-        A :class:`PruneResult`.
+        A :class:`PruneResult`. When the removed share of all attention + MLP parameters
+        misses ``config.sparsity`` by more than one removal step (locked or ignored groups,
+        coarse legal widths), the result carries a warning and a :class:`SparsityWarning`
+        is issued.
 
     Raises:
         DataError: the method needs calibration data and none was given.
@@ -69,7 +127,7 @@ def prune(
     Example:
         >>> from prunecli.methods.magnitude import MagnitudeConfig   # doctest: +SKIP
         >>> result = prune(model, MagnitudeConfig(sparsity=0.2))     # doctest: +SKIP
-        >>> round(result.summary.block_sparsity, 2)                    # doctest: +SKIP
+        >>> round(result.achieved_sparsity, 2)                         # doctest: +SKIP
         0.2
     """
     _, fn = get_method(config.method)
@@ -98,10 +156,30 @@ def prune(
     plan.fingerprint = graph.fingerprint
     plan.meta.update({"method": config.method, "config": config.to_dict()})
     t2 = time.perf_counter()
+    total = all_block_params(model, graph)  # every attention + MLP block, locked ones included
+    selectable = selectable_groups(graph, config.ignore)
+    prunable = sum(group_cost(graph, g) for g in selectable)
+    step = largest_step(graph, selectable, config.round_to)
     summary = apply_plan(model, graph, plan)
     seconds["apply"] = time.perf_counter() - t2
     seconds["total"] = time.perf_counter() - t0
-    return PruneResult(plan=plan, summary=summary, config=config, seconds=seconds)
+    after = all_block_params(model, graph)
+    if total == 0:  # no repeated layers (a plain CNN): the whole model is the block
+        total, after = summary.params_before, summary.params_after
+        prunable = total
+    result = PruneResult(
+        plan=plan,
+        summary=summary,
+        config=config,
+        seconds=seconds,
+        block_params_before=total,
+        block_params_after=after,
+    )
+    msg = sparsity_warning(config.sparsity, result.achieved_sparsity, step, total, prunable, config.method)
+    if msg is not None:
+        result.warnings.append(msg)
+        warnings.warn(msg, SparsityWarning, stacklevel=2)
+    return result
 
 
 class _nullcontext:

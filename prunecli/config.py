@@ -64,6 +64,32 @@ class MethodConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class DataMethodConfig(MethodConfig):
+    """Options of a method that needs calibration data: how much of it, by default.
+
+    Each method overrides the defaults with its paper's (or reference code's) calibration
+    size; the CLI draws ``nsamples`` windows of ``seqlen`` tokens unless ``--nsamples`` /
+    ``--seqlen`` say otherwise. :func:`prunecli.prune` uses whatever windows it is given.
+
+    Args:
+        nsamples: calibration windows.
+        seqlen: tokens per calibration window.
+    """
+
+    needs_data: ClassVar[bool] = True
+
+    nsamples: int = 128
+    seqlen: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("nsamples", "seqlen"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"{name} must be a positive integer, got {v!r}")
+
+
 def register_method(config_cls: type[MethodConfig]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn(model, graph, config, calib) -> Plan`` as the method for ``config_cls``."""
 

@@ -91,6 +91,21 @@ def test_allocate_matches_public_code(ratio: float) -> None:
     assert (1 - ours).tolist() == pytest.approx(code_keep, abs=1e-9)
 
 
+def test_default_alpha_is_the_public_codes_slope_at_its_calibration() -> None:
+    """The code runs 128 windows of 1024 tokens with a = 1 and divides summed distances by 1e4."""
+    from prunecli.methods.cfsp.scoring import CODE_ALPHA
+
+    assert CODE_ALPHA == pytest.approx(128 * 1024 / 1e4) == pytest.approx(13.1072)
+    assert CfspConfig().alpha == CODE_ALPHA
+    assert (CfspConfig().nsamples, CfspConfig().seqlen) == (128, 1024)
+    per_token = [0.05, 0.12, 0.2, 0.31, 0.08]
+    code_keep = _public_code_allocation([d * 128 * 1024 for d in per_token], 0.4, a=1.0)
+    assert (1 - allocate_sparsity(per_token, 0.4)).tolist() == pytest.approx(code_keep, abs=1e-9)
+    # the slope of a 128 x 2048 calibration is twice as steep: a different allocation
+    steep = _public_code_allocation([d * 128 * 2048 for d in per_token], 0.4, a=1.0)
+    assert (1 - allocate_sparsity(per_token, 0.4)).tolist() != pytest.approx(steep, abs=1e-3)
+
+
 def test_allocate_budget_bounds_and_order() -> None:
     gen = torch.Generator().manual_seed(0)
     for _ in range(50):
@@ -125,11 +140,11 @@ def test_allocate_units_hand_case_and_budget() -> None:
 # ---------------------------------------------------------------- fine criterion
 
 
-def test_channel_importance_paper_hand_computed() -> None:
+def test_channel_importance_across_channels_hand_computed() -> None:
     wd = torch.tensor([[1.0, 3.0], [2.0, 2.0]])  # (d_out=2, m=2)
     wp = torch.tensor([[1.0, 1.0], [3.0, 1.0]])  # (m=2, d_in=2)
     a = torch.tensor([1.0, 2.0])
-    s = channel_importance([wp], wd, a, criterion="paper")
+    s = channel_importance([wp], wd, a, criterion="across-channels")
     # down: |Wd| * a = [[1, 6], [2, 4]], rows normalised -> col sums 1/7 + 1/3, 6/7 + 2/3
     # producer: columns normalised over channels -> row sums 1/4 + 1/2, 3/4 + 1/2
     expected = torch.tensor([(1 / 7 + 1 / 3 + 0.75) * 1.0, (6 / 7 + 2 / 3 + 1.25) * 2.0])
@@ -144,11 +159,10 @@ def test_channel_importance_code_reduces_to_activation_norm() -> None:
     a = torch.rand(m, generator=gen) + 0.1
     s = channel_importance(wps, wd, a, criterion="code", b=1.0, c=1.0)
     assert torch.allclose(s, (1 / d_out + 2 / d_in) * a, atol=1e-6)
-    # the paper reading does depend on the weights
-    s2 = channel_importance([w * 0 + 1 for w in wps], wd * 0 + 1, a, criterion="paper")
-    assert not torch.allclose(
-        s2 / s2.sum(), channel_importance(wps, wd, a) / channel_importance(wps, wd, a).sum()
-    )
+    # the across-channels criterion does depend on the weights
+    s2 = channel_importance([w * 0 + 1 for w in wps], wd * 0 + 1, a, criterion="across-channels")
+    s3 = channel_importance(wps, wd, a, criterion="across-channels")
+    assert not torch.allclose(s2 / s2.sum(), s3 / s3.sum())
 
 
 def test_channel_importance_zero_channel_scores_zero() -> None:
@@ -159,6 +173,19 @@ def test_channel_importance_zero_channel_scores_zero() -> None:
     wp[2] = 0
     s = channel_importance([wp], wd, torch.rand(6, generator=gen) + 0.5)
     assert float(s[2]) == 0.0 and bool((s[torch.arange(6) != 2] > 0).all())
+
+
+def test_default_criterion_is_the_published_code_and_old_name_is_refused() -> None:
+    assert CfspConfig().criterion == "code"
+    gen = torch.Generator().manual_seed(2)
+    wd, wp = torch.randn(5, 7, generator=gen), torch.randn(7, 4, generator=gen)
+    a = torch.rand(7, generator=gen) + 0.1
+    assert torch.equal(channel_importance([wp], wd, a), channel_importance([wp], wd, a, criterion="code"))
+    with pytest.raises(InputError, match="renamed to 'across-channels'"):
+        CfspConfig(criterion="paper")
+    with pytest.raises(InputError, match="renamed"):
+        channel_importance([wp], wd, a, criterion="paper")
+    assert CfspConfig(criterion="across-channels").criterion == "across-channels"
 
 
 def test_config_validation() -> None:
@@ -248,8 +275,9 @@ def test_prune_cfsp_removes_dead_channels_and_applies(tiny) -> None:
 def test_cfsp_smollm2_quality(shared_data) -> None:
     """20 % of the MLP channels: the coarse allocation beats a uniform one, and quality holds.
 
-    Measured (16 x 128 Emma calibration windows, 8 x 256 Persuasion windows): dense 45.2,
-    CFSP 60.1, same scores with a uniform allocation 65.5, the public code's criterion 61.0.
+    Measured (16 x 128 Emma calibration windows, 8 x 256 Persuasion windows): dense 45.16,
+    CFSP (the code's criterion, alpha 13.1072) 60.79, with a uniform allocation 66.22;
+    the across-channels criterion 60.34.
     """
     from prunecli.data.windows import calibration_windows, eval_windows
     from prunecli.engine.apply import apply_plan

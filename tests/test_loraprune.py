@@ -183,18 +183,73 @@ def test_run_loraprune_masks_equal_removal(graph) -> None:
     assert 0.3 <= summary.block_sparsity <= 0.45
 
 
-def test_run_loraprune_channels_only_keeps_heads(graph) -> None:
+def test_run_loraprune_channels_only_reaches_block_sparsity(graph) -> None:
+    from prunecli.engine.apply import apply_plan
+    from prunecli.methods._budget import all_block_params
+
     model = build_tiny_llama(seed=4)
     before = copy.deepcopy(model.state_dict())
+    total = all_block_params(model, graph)
     cfg = LorapruneConfig(
-        sparsity=0.25, steps=6, prune_every=2, kinds=("channels",), round_to=8, lora_dropout=0.0
+        sparsity=0.25, steps=6, prune_every=2, kinds=("channels",), protect_layers=(), lora_dropout=0.0
     )
     plan, _ = run_loraprune(model, graph, cfg, _text_windows(4, 16))
     assert set(plan.removals) == {"model.layers.0.mlp:channels", "model.layers.1.mlp:channels"}
-    assert all((128 - len(v)) % 8 == 0 and len(v) == 32 for v in plan.removals.values())
+    unit = graph["model.layers.0.mlp:channels"].unit_params(0)
+    removed = sum(len(v) for v in plan.removals.values()) * unit
+    # 25 % of all attention + MLP parameters, taken from the MLPs alone: within one channel
+    assert abs(removed - 0.25 * total) <= unit
     # merged adapters changed the adapted weights but not the embeddings
     after = model.state_dict()
     assert torch.equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
     assert not torch.equal(
         before["model.layers.0.mlp.down_proj.weight"], after["model.layers.0.mlp.down_proj.weight"]
     )
+    summary = apply_plan(model, graph, plan)
+    assert all(layer.self_attn.o_proj.in_features == 64 for layer in model.model.layers)
+    assert summary.block_params_before == total
+    assert abs(summary.block_sparsity - 0.25) <= unit / total
+
+
+def test_protected_layers_reference_rule() -> None:
+    from prunecli.methods.loraprune.config import protected_layers
+
+    assert protected_layers(LorapruneConfig(), 30) == [0, 1, 2, 29]
+    assert protected_layers(LorapruneConfig(), 32) == [0, 1, 2, 31]
+    assert protected_layers(LorapruneConfig(), 2) == [1]
+    assert protected_layers(LorapruneConfig(protect_layers=()), 30) == []
+    assert protected_layers(LorapruneConfig(protect_layers=[0, -1]), 4) == [0, 3]
+    with pytest.raises(InputError, match="layer 9"):
+        protected_layers(LorapruneConfig(protect_layers=(9,)), 4)
+    with pytest.raises(InputError):
+        LorapruneConfig(protect_layers=("a",))
+
+
+def test_run_loraprune_default_keeps_protected_layers_whole() -> None:
+    """Reference rule on 10 layers: layer 0 (first 10 %) and layer 9 (last) keep full width."""
+    import transformers
+
+    from prunecli.engine.apply import apply_plan
+    from prunecli.graph import build_graph
+    from prunecli.methods._budget import all_block_params
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=10,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    graph = build_graph(model)
+    total = all_block_params(model, graph)
+    lp = LorapruneConfig(sparsity=0.3, steps=4, prune_every=2, lora_dropout=0.0)
+    plan, _ = run_loraprune(model, graph, lp, _text_windows(4, 16))
+    assert plan.meta["protected_layers"] == [0, 9]
+    pruned_layers = {graph[name].layer for name in plan.removals}
+    assert pruned_layers == set(range(1, 9))
+    summary = apply_plan(model, graph, plan)
+    for i in (0, 9):
+        layer = model.model.layers[i]
+        assert layer.mlp.down_proj.in_features == 64 and layer.self_attn.o_proj.in_features == 32
+    # the budget is a share of all ten layers: the eight pruned layers lose more
+    assert summary.block_params_before == total
+    assert abs(summary.block_sparsity - 0.3) < 0.05

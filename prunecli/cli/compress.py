@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -34,6 +35,8 @@ from prunecli.cli.output import Output, library_bars_off
 from prunecli.errors import InputError, OutputExistsError
 
 METHOD_PANEL = "Method"
+DEFAULT_CALIB = {"nsamples": 128, "seqlen": 128}
+"""Windows and their length for methods whose config has no calibration size (recovery uses seqlen)."""
 
 
 @dataclasses.dataclass
@@ -47,7 +50,7 @@ class CompressOptions:
     overwrite: bool = False
     calib: str | None = None
     text_field: str = "text"
-    nsamples: int = 128
+    nsamples: int = 128  # resolve_options fills in the method's default when none is given
     seqlen: int = 128
     seed: int = 0
     round_to: int = 1
@@ -165,17 +168,28 @@ def compress(
     ] = None,
     text_field: TextFieldOpt = "text",
     nsamples: Annotated[
-        int,
+        int | None,
         typer.Option(
-            "--nsamples", min=1, help="Calibration windows.", metavar="N", rich_help_panel=DATA_PANEL
+            "--nsamples",
+            min=1,
+            help="Calibration windows (default: the method's paper setting, e.g. 1024 for flap; 128 otherwise).",
+            metavar="N",
+            rich_help_panel=DATA_PANEL,
+            show_default=False,
         ),
-    ] = 128,
+    ] = None,
     seqlen: Annotated[
-        int,
+        int | None,
         typer.Option(
-            "--seqlen", min=1, help="Tokens per calibration window.", metavar="L", rich_help_panel=DATA_PANEL
+            "--seqlen",
+            min=1,
+            help="Tokens per calibration window (default: the method's paper setting, e.g. 128 for flap; "
+            "128 otherwise).",
+            metavar="L",
+            rich_help_panel=DATA_PANEL,
+            show_default=False,
         ),
-    ] = 128,
+    ] = None,
     eval_data: Annotated[
         str | None,
         typer.Option(
@@ -339,17 +353,26 @@ def resolve_options(
     config_cls, _ = get_method(merged["method"])
     method_options = coerce_options(recipe.get("set", {}), config_cls)
     method_options.update(parse_set(merged["set"], config_cls))
+    # calibration size: --nsamples/--seqlen (or the recipe's) override the method's paper default
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    calib_size = {
+        key: int(merged[key])
+        for key in ("nsamples", "seqlen")
+        if key in fields and merged.get(key) is not None and (key in on_command_line or key in recipe)
+    }
     try:
         config = config_cls(
             sparsity=float(merged["sparsity"]),
             round_to=int(merged["round_to"]),
             seed=int(merged["seed"]),
             ignore=tuple(merged["ignore"]),
-            **method_options,
+            **{**method_options, **calib_size},
         )
     except (TypeError, ValueError) as e:
         raise InputError(f"invalid options for method {merged['method']!r}: {e}") from None
-    merged["set"] = method_options
+    merged["set"] = {k: v for k, v in method_options.items() if k not in ("nsamples", "seqlen")}
+    for key in ("nsamples", "seqlen"):
+        merged[key] = getattr(config, key) if key in fields else (merged.get(key) or DEFAULT_CALIB[key])
     opts = CompressOptions(**merged)
 
     if opts.output is not None:
@@ -391,7 +414,7 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
         config: the method's config object.
         out: where to print.
     """
-    from prunecli.api import prune
+    from prunecli.api import SparsityWarning, prune
     from prunecli.data import calibration_windows, data_hash, eval_windows
     from prunecli.evaluate import count_parameters, evaluate
     from prunecli.models import load_model
@@ -455,8 +478,12 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
 
         params_before = count_parameters(model)
         t = time.perf_counter()
-        result = prune(model, config, calib=calib, progress=progress)
+        with warnings.catch_warnings():  # printed once below, through `out`
+            warnings.simplefilter("ignore", SparsityWarning)
+            result = prune(model, config, calib=calib, progress=progress)
         seconds["prune"] = time.perf_counter() - t
+        for message in result.warnings:
+            out.warn(message)
         params_after = count_parameters(model)
 
         recovery = None
@@ -499,7 +526,11 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
             "summary": summary,
             "recovery": recovery,
         }
+        # sparsity is a share of every attention + MLP block, locked or ignored ones included
+        report["params"]["blocks_before"] = result.block_params_before
+        report["params"]["blocks_after"] = result.block_params_after
         report["sparsity"] = _sparsity_section(config.sparsity, report["params"])
+        report["warnings"] = list(result.warnings)
 
         if opts.output is not None:
             from prunecli.checkpoint import save_checkpoint

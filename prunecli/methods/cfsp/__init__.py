@@ -2,8 +2,9 @@
 
 Coarse: each block's importance is the mean angular distance between its input and output
 hidden states; the sparsity budget is split so that important blocks keep more channels.
-Fine: inside a block, MLP channels are ranked by their weights relative to all channels and by
-their activation norm. Formulas and their sources: :mod:`prunecli.methods.cfsp.scoring`.
+Fine: inside a block, MLP channels are ranked by the public code's criterion (which reduces to
+the activation norm of the channel), or by prunecli's own ``across-channels`` criterion.
+Formulas, their sources and every departure: :mod:`prunecli.methods.cfsp.scoring`.
 
 Example:
     >>> from prunecli.methods.cfsp import CfspConfig

@@ -6,13 +6,13 @@ import dataclasses
 import math
 from typing import ClassVar
 
-from prunecli.config import MethodConfig
+from prunecli.config import DataMethodConfig
 from prunecli.errors import InputError
-from prunecli.methods.cfsp.scoring import CODE_ALPHA, CRITERIA
+from prunecli.methods.cfsp.scoring import CODE_ALPHA, CODE_NSAMPLES, CODE_SEQLEN, check_criterion
 
 
 @dataclasses.dataclass(frozen=True)
-class CfspConfig(MethodConfig):
+class CfspConfig(DataMethodConfig):
     """CFSP: coarse-to-fine activation-guided structured pruning (Wang et al., COLING 2025).
 
     CFSP prunes MLP channels only (the paper prunes the FFN intermediate dimension). As for
@@ -23,27 +23,34 @@ class CfspConfig(MethodConfig):
     Args:
         sparsity: fraction of the attention + MLP parameters to remove, in (0, 1), all taken
             from MLP channels.
-        criterion: fine channel score, ``paper`` (default, Eq. 8: weights relative to all
-            channels times activations) or ``code`` (the public code's ``three_w_one_wa``,
-            which reduces to the activation norm); see ``prunecli.methods.cfsp.scoring``.
-        alpha: slope of the sigmoid on the centred block importances (the code's ``a`` times
-            its token-count scaling; 26.2144 reproduces it at 128 x 2048 calibration tokens).
+        criterion: fine channel score, ``code`` (default: the public code's
+            ``three_w_one_wa``, which reduces to the activation norm) or ``across-channels``
+            (prunecli's own: weights relative to all channels times activations; formerly
+            named ``paper``, but it is not the paper's equation); see
+            ``prunecli.methods.cfsp.scoring``.
+        alpha: slope of the sigmoid on the centred block importances (the code's ``a = 1``
+            times its token-count scaling; 13.1072 reproduces it at its default 128 x 1024
+            calibration tokens).
         b: exponent of the activation norm inside the down-projection term.
         c: exponent of the activation norm factor.
         batch_size: calibration windows per forward pass.
+        nsamples: calibration windows for the CLI (128, the public code's default).
+        seqlen: tokens per calibration window (1024, the public code's default).
         round_to: kept MLP widths are multiples of this number (the paper uses 128).
         seed: unused (deterministic), kept for a uniform interface.
         ignore: glob patterns of module names whose groups are never pruned.
 
     Example:
         >>> CfspConfig(sparsity=0.3).criterion
-        'paper'
+        'code'
     """
 
     method: ClassVar[str] = "cfsp"
     needs_data: ClassVar[bool] = True
 
-    criterion: str = "paper"
+    nsamples: int = CODE_NSAMPLES
+    seqlen: int = CODE_SEQLEN
+    criterion: str = "code"
     alpha: float = CODE_ALPHA
     b: float = 1.0
     c: float = 1.0
@@ -51,10 +58,7 @@ class CfspConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.criterion not in CRITERIA:
-            raise InputError(
-                f"unknown CFSP criterion {self.criterion!r}", hint=f"choose one of: {', '.join(CRITERIA)}"
-            )
+        check_criterion(self.criterion)
         for name in ("alpha", "b", "c"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:

@@ -16,43 +16,52 @@ Coarse step (between blocks)
     When a block would keep more than 100 %, the deviations ``k_l - (1 - p)`` are shrunk by a
     common factor (divided by a margin of 1.05) until every block is within bounds; shrinking
     towards the mean leaves the total unchanged. The code sums the distances over all
-    ``128 x 2048`` calibration tokens and divides the centred sums by ``1e4``; on per-token means
-    that is ``alpha = 128 * 2048 / 1e4 = 26.2144`` (our default, independent of the calibration
-    size). Blocks of different sizes are weighted by their parameter counts.
+    calibration tokens and divides the centred sums by ``1e4`` (slope ``a = 1``); its default
+    calibration is 128 windows of 1024 tokens, so on per-token means that is
+    ``alpha = 1 * 128 * 1024 / 1e4 = 13.1072`` (:data:`CODE_ALPHA`, our default). We apply it
+    to per-token means, so the slope does not change with the calibration size; the code's
+    slope does (doubling its tokens doubles its slope). Blocks of different sizes are
+    weighted by their parameter counts (the code's blocks are all the same size).
 
 Fine step (inside a block)
     The score of MLP channel ``i`` combines the three MLP weights and the activation norm
     ``a_i = ||X_i||`` of the input of the down projection over the calibration tokens. Two
-    readings are offered (``criterion``):
+    criteria are offered (``criterion``):
 
-    ``"paper"`` (default): Eq. 8 of arXiv 2409.13199v2 normalises each weight by the weights
-    of *all channels* that touch the same hidden unit (relative importance across channels,
-    as in RIA), and the public code multiplies by ``a_i`` with exponents ``b`` and ``c``::
+    ``"code"`` (default): exactly what the authors' public code computes
+    (``prune_cfsp`` with ``--local_metrics three_w_one_wa``)::
+
+        F_i = [ mean_j |Wd_ji| a_i^b / sum_j' |Wd_j'i| a_i^b
+                + sum_p mean_j |Wp_ij| / sum_j' |Wp_ij'| ] * a_i^c
+
+    with ``Wd`` the down projection ``[hidden, m]``, ``Wp`` each producer (gate, up)
+    ``[m, hidden]``, ``b = c = 1``. Each channel's weights are normalised by *its own* sum over
+    the hidden units, so every weight term averages to one over the hidden size and the score
+    reduces to ``(1 / d_out + P / d_in) * a_i^c`` (P producers): a ranking by activation norm
+    alone (proved in ``tests/test_cfsp.py``). This is the default because it is what the
+    authors published and ran.
+
+    ``"across-channels"`` (prunecli's own, not published by the authors): each weight is
+    normalised by the weights of *all channels* that touch the same hidden unit (a relative
+    importance across channels, as in RIA), times the same activation factor::
 
         F_i = [ sum_j |Wd_ji| a_i^b / sum_k |Wd_jk| a_k^b
                 + sum_p sum_j |Wp_ij| / sum_k |Wp_kj| ] * a_i^c
 
-    with ``Wd`` the down projection ``[hidden, m]`` and ``Wp`` each producer (gate, up) ``[m,
-    hidden]``.
+    It was prunecli's reading of the paper's Eq. 8 (earlier named ``"paper"``), but it is not
+    the published equation: the paper's relative importance (RIA-style) normalises each
+    Wanda-style score ``|W|·||X||`` by the sum of its row *and* of its column, while this
+    criterion normalises by one direction only, and its outer ``a_i^c`` factor comes from the
+    code, not from the paper.
 
-    ``"code"``: exactly what ``prune_cfsp`` with ``--local_metrics three_w_one_wa`` computes. It
-    normalises each channel's weights by *its own* sum over the hidden units, so every weight
-    term averages to one over the hidden size and the score reduces to
-    ``(1 / d_out + P / d_in) * a_i^c`` (P producers): a ranking by activation norm alone. It is
-    kept for reproducing the public release; ``"paper"`` is the default because the paper
-    describes (and its ablation credits) a criterion that uses the weights as well as the
-    activations, and only the across-channel normalisation of Eq. 8 gives the weights a say.
     Measured on SmolLM2-135M (16 x 128 Emma calibration windows, perplexity on 8 x 256
-    Persuasion windows, dense 45.2): at 20 % of the MLP channels ``paper`` 60.1, ``code`` 61.0;
-    at 40 % 90.9 and 89.3 (within noise of each other); the same ``paper`` scores with a uniform
-    allocation (``alpha=0``) give 65.5 and 107.4, so the coarse allocation is what matters most.
+    Persuasion windows, dense 45.16, 20 % of the MLP channels): ``code`` 60.79,
+    ``across-channels`` 60.34 (within noise of each other); ``code`` with a uniform allocation
+    (``alpha=0``) 66.22, so the coarse allocation is what matters most. (The previous default,
+    ``across-channels`` with ``alpha=26.2144``: 60.08.)
 
-    Source note: the paper's full text was not reachable from this machine; Eq. 8 is taken
-    from a third-party transcription (OptiPFair's ``compute_neuron_pair_importance_maw_hybrid``
-    docstring, which cites arXiv 2409.13199v2 Eq. 8 and normalises the down-projection term
-    across channels), the exponents ``b``/``c`` and the allocation from the public code. That
-    transcription writes the gate/up terms normalised by the channel's own row, which makes
-    them 1 for every channel; we normalise them across channels, like the down term.
+    The paper's own equation is not implemented: its full text was not reachable from this
+    machine, so its exact form (which norms, which exponents) could not be checked.
 """
 
 from __future__ import annotations
@@ -64,10 +73,35 @@ import torch
 
 from prunecli.errors import InputError, SparsityError
 
-CODE_ALPHA = 128 * 2048 / 1e4
-"""Sigmoid slope that reproduces the public code at its default calibration (128 x 2048 tokens)."""
+# The public code's allocation settings: slope ``a = 1`` on the distances summed over its
+# default calibration (128 windows of 1024 tokens), divided by 1e4.
+CODE_A = 1.0
+CODE_NSAMPLES = 128
+CODE_SEQLEN = 1024
+CODE_SCALE = 1e4
+CODE_ALPHA = CODE_A * CODE_NSAMPLES * CODE_SEQLEN / CODE_SCALE
+"""Sigmoid slope on per-token mean distances that reproduces the public code at its default
+calibration (128 x 1024 tokens): 13.1072."""
 
-CRITERIA: tuple[str, ...] = ("paper", "code")
+CRITERIA: tuple[str, ...] = ("code", "across-channels")
+RENAMED: dict[str, str] = {"paper": "across-channels"}
+"""Criteria renamed since an earlier release: old name -> new name (rejected with a hint)."""
+
+
+def check_criterion(criterion: str) -> None:
+    """Raise :class:`InputError` unless ``criterion`` is one of :data:`CRITERIA`.
+
+    Args:
+        criterion: the name to check.
+    """
+    if criterion in CRITERIA:
+        return
+    if criterion in RENAMED:
+        raise InputError(
+            f"CFSP criterion {criterion!r} was renamed to {RENAMED[criterion]!r} (it is not the paper's equation)",
+            hint=f"use criterion={RENAMED[criterion]} for the old scores, or the default 'code'",
+        )
+    raise InputError(f"unknown CFSP criterion {criterion!r}", hint=f"choose one of: {', '.join(CRITERIA)}")
 
 
 def angular_distance(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
@@ -122,7 +156,7 @@ def allocate_sparsity(
         sum(sizes)`` (to rounding) and ``min_sparsity <= s_l <= max_sparsity``.
 
     Example:
-        >>> allocate_sparsity([1.0, 1.0], 0.3).tolist()
+        >>> [round(s, 12) for s in allocate_sparsity([1.0, 1.0], 0.3).tolist()]
         [0.3, 0.3]
     """
     imp = torch.as_tensor(importances, dtype=torch.float64).flatten()
@@ -235,7 +269,7 @@ def channel_importance(
     consumer: torch.Tensor,
     act_norm: torch.Tensor,
     *,
-    criterion: str = "paper",
+    criterion: str = "code",
     b: float = 1.0,
     c: float = 1.0,
     eps: float = 1e-12,
@@ -247,7 +281,8 @@ def channel_importance(
         consumer: weight whose *columns* are the channels, ``[d_out, m]`` (down).
         act_norm: ``[m]`` norm of each channel's input to the consumer over the calibration
             tokens (any positive scale; only ratios within a block matter).
-        criterion: ``"paper"`` or ``"code"`` (see the module docstring).
+        criterion: ``"code"`` (the public code's) or ``"across-channels"`` (prunecli's own);
+            see the module docstring.
         b: exponent of the activation inside the consumer term.
         c: exponent of the activation factor outside the sum.
         eps: guards divisions by zero.
@@ -255,10 +290,7 @@ def channel_importance(
     Returns:
         float32 ``[m]``.
     """
-    if criterion not in CRITERIA:
-        raise InputError(
-            f"unknown CFSP criterion {criterion!r}", hint=f"choose one of: {', '.join(CRITERIA)}"
-        )
+    check_criterion(criterion)
     wd = consumer.detach().to(torch.float32).abs()  # (d_out, m)
     m = wd.shape[1]
     a = act_norm.detach().to(torch.float32).flatten()
@@ -269,7 +301,7 @@ def channel_importance(
         if p.shape[0] != m:
             raise InputError(f"producer has {p.shape[0]} rows for {m} channels")
     wd_a = wd * a.pow(b)  # (d_out, m)
-    if criterion == "paper":
+    if criterion == "across-channels":
         # normalise across channels: every hidden unit's weights to/from the m channels sum to 1
         score = (wd_a / (wd_a.sum(dim=1, keepdim=True) + eps)).sum(dim=0)  # (m,)
         for p in wps:

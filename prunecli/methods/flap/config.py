@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from prunecli.config import MethodConfig
+from prunecli.config import DataMethodConfig
 from prunecli.errors import InputError
 
 STRUCTURES: tuple[str, ...] = ("AL-AM", "UL-UM")
@@ -13,7 +13,7 @@ METRIC_NAMES: tuple[str, ...] = ("WIFV", "IFV", "WIFN")
 
 
 @dataclasses.dataclass(frozen=True)
-class FlapConfig(MethodConfig):
+class FlapConfig(DataMethodConfig):
     """FLAP: fluctuation-based adaptive structured pruning (An et al., AAAI 2024).
 
     Args:
@@ -26,6 +26,9 @@ class FlapConfig(MethodConfig):
             and MLP lose the same fraction).
         bias_compensation: add ``W[:, R] @ mean(x[R])`` to the bias of each output projection
             whose input channels ``R`` are removed.
+        nsamples: calibration windows for the CLI (1024, FLAP's default: 1024 WikiText-2
+            samples of 128 tokens).
+        seqlen: tokens per calibration window (128, FLAP's default).
         round_to: keep head counts and MLP widths multiples of this number where possible.
         seed: unused by FLAP (deterministic), kept for a uniform interface.
         ignore: glob patterns of module names whose groups are never pruned.
@@ -38,6 +41,8 @@ class FlapConfig(MethodConfig):
     method: ClassVar[str] = "flap"
     needs_data: ClassVar[bool] = True
 
+    nsamples: int = 1024
+    seqlen: int = 128
     metric: str = "WIFV"
     structure: str = "AL-AM"
     bias_compensation: bool = True

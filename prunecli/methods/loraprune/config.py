@@ -6,14 +6,14 @@ import dataclasses
 import math
 from typing import ClassVar
 
-from prunecli.config import MethodConfig
+from prunecli.config import DataMethodConfig
 from prunecli.errors import InputError
 
 KINDS: tuple[str, ...] = ("heads", "channels")
 
 
 @dataclasses.dataclass(frozen=True)
-class LorapruneConfig(MethodConfig):
+class LorapruneConfig(DataMethodConfig):
     """LoRAPrune: iterative structured pruning guided by LoRA gradients (Zhang et al., ACL 2024).
 
     Fine-tunes LoRA adapters on the calibration windows while it prunes: every ``prune_every``
@@ -23,8 +23,9 @@ class LorapruneConfig(MethodConfig):
     plan removes the masked units.
 
     Args:
-        sparsity: fraction of the attention + MLP parameters to remove (every block loses the
-            same fraction, the code's local pruning).
+        sparsity: fraction of the attention + MLP parameters of *all* layers to remove. The
+            pruned blocks (those of the chosen ``kinds`` outside ``protect_layers``) each lose
+            the same, larger fraction (the code's local pruning) so that the total reaches it.
         steps: optimiser steps.
         prune_every: steps between two pruning updates (the code's ``prune_freq``, 10).
         lora_rank: LoRA rank (8 in the paper).
@@ -32,12 +33,18 @@ class LorapruneConfig(MethodConfig):
         lora_dropout: adapter dropout (0.05 in the code).
         lr: AdamW learning rate (1e-4 in the code's script), decayed linearly to zero.
         batch_size: windows per step.
-        seqlen: split the calibration windows into pieces of this many tokens (``None``: keep).
+        nsamples: training windows the CLI draws (128; not the paper's size, see
+            ``docs/methods.md``).
+        seqlen: tokens per training window: the CLI draws windows of this length and longer
+            windows given to the library are split into pieces of this length (128).
         beta: moving-average factor of the importances (0.9).
         warmup: fraction of the steps before the first pruning (0.1).
         cooldown: fraction of the steps fine-tuned at the final sparsity (0.1).
         normalize: divide each weight's unit importances by their L2 norm before summing.
         kinds: which groups to prune: ``heads``, ``channels`` or both.
+        protect_layers: layer indices never pruned (negative counts from the end). ``None``
+            (default): the reference code's rule, the first ``floor(0.1 * L)`` layers and the
+            last layer of ``L``; ``()``: prune every layer. Protected layers still get adapters.
         max_grad_norm: gradient clipping (0 disables).
         round_to: keep head counts and MLP widths multiples of this number where possible.
         seed: seed for the adapter initialisation and the batch order.
@@ -58,16 +65,25 @@ class LorapruneConfig(MethodConfig):
     lora_dropout: float = 0.05
     lr: float = 1e-4
     batch_size: int = 2
-    seqlen: int | None = None
+    nsamples: int = 128
+    seqlen: int = 128
     beta: float = 0.9
     warmup: float = 0.1
     cooldown: float = 0.1
     normalize: bool = True
     kinds: tuple[str, ...] = KINDS
     max_grad_norm: float = 1.0
+    protect_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if isinstance(self.protect_layers, list):
+            object.__setattr__(self, "protect_layers", tuple(self.protect_layers))
+        if self.protect_layers is not None and (
+            not isinstance(self.protect_layers, tuple)
+            or any(isinstance(i, bool) or not isinstance(i, int) for i in self.protect_layers)
+        ):
+            raise InputError(f"protect_layers must be layer indices, got {self.protect_layers!r}")
         if isinstance(self.kinds, (list, str)):
             object.__setattr__(
                 self, "kinds", (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)
@@ -76,9 +92,7 @@ class LorapruneConfig(MethodConfig):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InputError(f"{name} must be a positive integer, got {v!r}")
-        if self.seqlen is not None and (
-            isinstance(self.seqlen, bool) or not isinstance(self.seqlen, int) or self.seqlen < 2
-        ):
+        if self.seqlen < 2:
             raise InputError(f"seqlen must be an integer >= 2, got {self.seqlen!r}")
         for name, lo, hi in (
             ("lora_dropout", 0.0, 1.0),
@@ -104,3 +118,24 @@ class LorapruneConfig(MethodConfig):
             raise InputError(f"kinds must be a non-empty subset of {KINDS}, got {self.kinds!r}")
         if not isinstance(self.normalize, bool):
             raise InputError(f"normalize must be true or false, got {self.normalize!r}")
+
+
+def protected_layers(config: LorapruneConfig, num_layers: int) -> list[int]:
+    """Indices of the layers LoRAPrune never prunes.
+
+    Args:
+        config: the options (``protect_layers``).
+        num_layers: layers in the model.
+
+    Example:
+        >>> protected_layers(LorapruneConfig(protect_layers=(0, -1)), 12)
+        [0, 11]
+    """
+    if config.protect_layers is None:  # the reference code: first 10 % and the last layer
+        chosen = set(range(int(0.1 * num_layers))) | {num_layers - 1}
+    else:
+        bad = [i for i in config.protect_layers if not -num_layers <= i < num_layers]
+        if bad:
+            raise InputError(f"protect_layers names layer {bad[0]}, but the model has {num_layers} layers")
+        chosen = {i % num_layers for i in config.protect_layers}
+    return sorted(chosen)

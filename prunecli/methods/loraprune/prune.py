@@ -19,9 +19,10 @@ from torch import nn
 from prunecli.config import register_method
 from prunecli.engine.plan import Plan
 from prunecli.engine.select import select_uniform, selectable_groups
-from prunecli.errors import InputError, UnsupportedModelError
+from prunecli.errors import InputError, SparsityError, UnsupportedModelError
 from prunecli.graph.groups import Group, Member
-from prunecli.methods.loraprune.config import LorapruneConfig
+from prunecli.methods._budget import all_block_params, group_cost
+from prunecli.methods.loraprune.config import LorapruneConfig, protected_layers
 from prunecli.methods.loraprune.scoring import (
     combine,
     cubic_sparsity,
@@ -213,16 +214,39 @@ def _select(
     masks: UnitMasks,
     ratio: float,
     config: LorapruneConfig,
+    scale: float = 1.0,
 ) -> dict[str, list[int]]:
-    """Legal uniform removal at ``ratio``; units masked earlier score lowest so they stay removed."""
+    """Legal uniform removal at block sparsity ``ratio``; units masked earlier stay removed.
+
+    Every pruned group loses ``ratio * scale`` of its parameters, ``scale`` being all block
+    parameters over those of the pruned groups (so the total removed is ``ratio`` of all blocks).
+    """
     forced = {}
     for g in groups:
         s = scores[g.name].clone()
         if masks.removed[g.name]:
             s[masks.removed[g.name]] = MASKED
         forced[g.name] = s
-    plan = select_uniform(graph, forced, ratio, round_to=config.round_to, ignore=config.ignore)
+    plan = select_uniform(graph, forced, ratio * scale, round_to=config.round_to, ignore=config.ignore)
     return {k: v for k, v in plan.removals.items() if k in forced}
+
+
+def pruned_groups(graph: Any, config: LorapruneConfig) -> tuple[list[Group], list[Group], list[int]]:
+    """The groups that get adapters, the subset that is pruned, and the protected layers.
+
+    Args:
+        graph: the dependency graph.
+        config: LoRAPrune options (``kinds``, ``ignore``, ``protect_layers``).
+
+    Returns:
+        ``(adapted, pruned, protected)``: groups of the chosen kinds, those outside the
+        protected layers, and the protected layer indices.
+    """
+    adapted = [g for g in selectable_groups(graph, config.ignore) if g.kind in config.kinds]
+    layers = [g.layer for g in graph.groups.values() if g.layer is not None]
+    protected = protected_layers(config, max(layers) + 1) if layers else []
+    pruned = [g for g in adapted if g.layer not in protected]
+    return adapted, pruned, protected
 
 
 def run_loraprune(
@@ -248,13 +272,22 @@ def run_loraprune(
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     windows = check_windows(calib, int(emb.num_embeddings) if isinstance(emb, nn.Embedding) else None)
     windows = _windows(windows, config.seqlen)
-    groups = [g for g in selectable_groups(graph, config.ignore) if g.kind in config.kinds]
+    adapted, groups, protected = pruned_groups(graph, config)
     if not groups:
         raise UnsupportedModelError(
-            "LoRAPrune found no prunable head or MLP channel group",
-            hint="check --ignore patterns and the 'kinds' option",
+            "LoRAPrune found no prunable head or MLP channel group"
+            + (f" outside the protected layers {protected}" if protected else ""),
+            hint="check --ignore patterns and the 'kinds' and 'protect_layers' options",
         )
-    targets = adapter_targets(model, graph, groups)
+    # --sparsity is a share of every layer's attention + MLP: the pruned groups lose more
+    scale = all_block_params(model, graph) / sum(group_cost(graph, g) for g in groups)
+    if config.sparsity * scale >= 1.0:
+        raise SparsityError(
+            f"sparsity {config.sparsity} of all blocks would empty the pruned groups "
+            f"({config.sparsity * scale:.2f} of each; protected layers {protected}, kinds {list(config.kinds)})",
+            hint="lower --sparsity, prune both kinds, or protect fewer layers (--set protect_layers=...)",
+        )
+    targets = adapter_targets(model, graph, adapted)
     torch.manual_seed(config.seed)
     peft_model, flags = attach_lora(
         model, targets, rank=config.lora_rank, alpha=config.lora_alpha, dropout=config.lora_dropout
@@ -292,7 +325,7 @@ def run_loraprune(
                 )
                 final = ratio >= config.sparsity and current < config.sparsity
                 if ratio > current and (step % config.prune_every == 0 or final):
-                    removals = _select(graph, groups, ema, masks, ratio, config)
+                    removals = _select(graph, groups, ema, masks, ratio, config, scale)
                     masks.set(removals)
                     current = ratio
                     prune_log.append(
@@ -308,7 +341,7 @@ def run_loraprune(
                 losses.append(float(loss.detach()))
                 task.advance()
         if current < config.sparsity:  # too few steps to reach the cooldown: prune to the target now
-            removals = _select(graph, groups, ema, masks, config.sparsity, config)
+            removals = _select(graph, groups, ema, masks, config.sparsity, config, scale)
             masks.set(removals)
             prune_log.append(
                 {
@@ -331,6 +364,7 @@ def run_loraprune(
             "prune_steps": prune_log,
             "loss_first": losses[0] if losses else math.nan,
             "loss_last": losses[-1] if losses else math.nan,
+            "protected_layers": protected,
         },
     )
     log = {

@@ -10,6 +10,16 @@ channel)::
     S(u) = sum_{j in cols(u)} sum_i |W_ij| * ||X_j||_2
 
 Uniform per-layer sparsity, as in the FLAP paper's baseline.
+
+Calibration default: 128 windows of 2048 tokens, Wanda's setting (128 C4 sequences of 2048
+tokens). The FLAP code runs this baseline through its own loader arguments; that setting
+could not be checked from this machine.
+
+Departure from the reference code (FLAP's ``prune_wanda_sp``): the reference calibrates
+layer by layer, feeding each layer the outputs of the already pruned layers before it, so
+``||X_j||`` is measured on the pruned model. prunecli measures every layer in one pass over the
+dense model (all norms from the unpruned activations). A shared layer-sequential calibration
+runner is planned; until then the dense pass is the only mode.
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ import dataclasses
 
 from torch import Tensor, nn
 
-from prunecli.config import MethodConfig, register_method
+from prunecli.config import DataMethodConfig, register_method
 from prunecli.engine import Plan, select_uniform
 from prunecli.engine.select import selectable_groups
 from prunecli.errors import UnsupportedModelError
@@ -28,11 +38,19 @@ from prunecli.methods.magnitude import unit_sums
 
 
 @dataclasses.dataclass(frozen=True)
-class WandaSpConfig(MethodConfig):
-    """Structured Wanda. ``batch_size`` windows per calibration forward pass."""
+class WandaSpConfig(DataMethodConfig):
+    """Structured Wanda (scores from one dense calibration pass; see the module docstring).
+
+    Args:
+        batch_size: windows per calibration forward pass.
+        nsamples: calibration windows for the CLI (128, Wanda's setting).
+        seqlen: tokens per calibration window (2048, Wanda's setting).
+    """
 
     method = "wanda-sp"
     needs_data = True
+    nsamples: int = 128
+    seqlen: int = 2048
     batch_size: int = 8
 
 

@@ -258,9 +258,10 @@ _MIX_ALONG_DIM_OPS = {
     aten.log_softmax.int,
     aten._log_softmax.default,
     aten.cumsum.default,
-    aten.sort.default,
-    aten.topk.default,
 }
+# sort/topk reorder (and topk drops) values by their magnitude: which channel lands where
+# depends on the data, so they are never modelled and lock what flows through them
+# (they fall through to ``_unknown`` with the op's name as the reason).
 # Ops whose outputs never carry channels (shapes, masks, constants).
 _NO_CHANNEL_OPS = {
     aten.arange.default,

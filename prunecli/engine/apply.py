@@ -268,12 +268,14 @@ def _update_module_attrs(model: nn.Module) -> None:
         elif type(mod).__name__ == "Conv1D" and w.dim() == 2:
             mod.nx, mod.nf = int(w.shape[0]), int(w.shape[1])
         elif isinstance(mod, nn.modules.conv._ConvNd):
-            depthwise = mod.groups > 1 and w.shape[1] == 1
-            mod.out_channels = int(w.shape[0])
-            if depthwise:
-                mod.groups = mod.in_channels = int(w.shape[0])
+            # the graph removes whole groups of a depthwise conv (one input channel each)
+            # and the same positions from every group of a general grouped conv
+            if mod.groups > 1 and mod.in_channels == mod.groups:
+                multiplier = mod.out_channels // mod.groups
+                mod.groups = mod.in_channels = int(w.shape[0]) // multiplier
             else:
                 mod.in_channels = int(w.shape[1]) * mod.groups
+            mod.out_channels = int(w.shape[0])
         elif isinstance(mod, nn.Embedding):
             mod.num_embeddings, mod.embedding_dim = int(w.shape[0]), int(w.shape[1])
         elif isinstance(mod, nn.LayerNorm):

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from prunecli.engine.plan import Plan
-from prunecli.errors import PlanError
+from prunecli.errors import PlanError, PrunedModelError
 from prunecli.graph import DependencyGraph, Group, build_graph, model_fingerprint
+from prunecli.graph.build import probe_forward
 
 # attribute name -> what it counts, for attention modules
 _HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "self_attention_heads")
@@ -202,6 +203,7 @@ def apply_plan(
     if graph.fingerprint != fp:
         raise PlanError("the graph was built for a different state of this model; rebuild it")
     removals = resolve_removals(graph, plan)
+    shapes_before = probe_forward(model, graph)
     params_before = count_params(model)
     blocks_before = block_params(model, graph)
     per_param = _param_removals(graph, removals)
@@ -232,6 +234,7 @@ def apply_plan(
     _apply_bias_updates(model, graph, plan.bias_updates)
     layers = _update_attention(model, graph, removals)
     _update_config(model, graph, removals, layers)
+    _check_probe(model, graph, shapes_before)
     summary = PruneSummary(
         params_before=params_before,
         params_after=count_params(model),
@@ -242,6 +245,24 @@ def apply_plan(
     )
     model._prunecli_plan = plan  # type: ignore[assignment]
     return summary
+
+
+def _check_probe(model: nn.Module, graph: DependencyGraph, shapes_before: list[tuple[int, ...]]) -> None:
+    """The pruned model must run on the trace input and keep its output shapes."""
+    try:
+        shapes = probe_forward(model, graph)
+    except Exception as e:  # noqa: BLE001 - any failure of the forward is the finding
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise PrunedModelError(
+            f"the pruned model's forward fails ({type(e).__name__}: {first}); "
+            "the model was modified in place and must be reloaded",
+            hint="report this with `prunecli graph MODEL --all`: a constraint of this model is not modelled",
+        ) from e
+    if shapes != shapes_before:
+        raise PrunedModelError(
+            f"pruning changed the model's output shapes from {shapes_before} to {shapes}",
+            hint="report this with `prunecli graph MODEL --all`: a constraint of this model is not modelled",
+        )
 
 
 def _retie(model: nn.Module, aliases: dict[int, list[str]], before: dict[str, torch.Tensor]) -> None:

@@ -17,9 +17,15 @@ DECODERS: dict[str, dict] = {
 }
 
 
-def tiny_config(model_type: str):
+def tiny_config(model_type: str, **overrides):
+    """The tiny config of ``model_type``; ``overrides`` replace or add config fields."""
     from transformers import AutoConfig
 
+    if overrides:
+        cfg = tiny_config(model_type)
+        kw = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "transformers_version")}
+        kw.update(overrides)
+        return AutoConfig.for_model(model_type, **kw)
     if model_type in DECODERS:
         kw = dict(hidden_size=64, num_hidden_layers=2, vocab_size=128, max_position_embeddings=64)
         kw.update(DECODERS[model_type])
@@ -61,12 +67,12 @@ def tiny_config(model_type: str):
     raise KeyError(model_type)
 
 
-def tiny_model(model_type: str, seed: int = 0) -> nn.Module:
+def tiny_model(model_type: str, seed: int = 0, **overrides) -> nn.Module:
     """A randomly initialised tiny model of ``model_type`` in eval mode (float32)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = tiny_config(model_type)
+    cfg = tiny_config(model_type, **overrides)
     cls = AutoModel if model_type in ("bert", "vit") else AutoModelForCausalLM
     model = cls.from_config(cfg).eval()
     # random (not zero) biases and norm weights so that exactness tests mean something

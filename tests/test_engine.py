@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from archs import ALL, example_input, model_output, tiny_cnn, tiny_model
+from archs import ALL, DECODERS, example_input, model_output, tiny_cnn, tiny_model
 from torch import nn
 
 from prunecli.engine import Plan, apply_plan, replay_plan, select_uniform, zero_units
@@ -25,10 +25,21 @@ def graph_of(arch: str, model: nn.Module):
 
 
 def random_plan(graph, frac: float = 0.3, seed: int = 0) -> Plan:
-    """A legal plan removing about ``frac`` of every prunable group (random units)."""
+    """A legal plan removing about ``frac`` of every prunable group (random units).
+
+    With grouped-query attention every layer also loses a whole key/value head (and keeps
+    1 or all query heads per remaining key/value head, alternating with the seed).
+    """
+    from prunecli.engine.select import HeadLayout
+
     gen = torch.Generator().manual_seed(seed)
     scores = {g.name: torch.rand(g.num_units, generator=gen) for g in graph.prunable()}
     plan = select_uniform(graph, scores, frac)
+    for g in graph.prunable("heads"):
+        layout = HeadLayout(graph, g)
+        if layout.kv is not None and layout.num_kv > 1:
+            r = layout.rep if seed % 2 == 0 else 1
+            plan.removals[g.name] = layout.removal(scores[g.name], layout.num_kv - 1, r)
     # groups outside layers (a CNN) are selectable too; make sure every prunable group is hit
     for g in graph.prunable():
         if g.name not in plan.removals and g.num_units > 1:
@@ -36,6 +47,15 @@ def random_plan(graph, frac: float = 0.3, seed: int = 0) -> Plan:
             plan.removals[g.name] = sorted(torch.randperm(g.num_units, generator=gen)[:k].tolist())
     plan.fingerprint = graph.fingerprint
     return plan
+
+
+def _assert_removes_kv_heads(arch: str, graph, plan: Plan) -> None:
+    """Every grouped-query layer loses a key/value head under ``plan`` (all decoders are GQA)."""
+    removals = resolve_removals(graph, plan)
+    gqa = [s for s in graph.attention if s.kv_heads != s.heads]
+    assert bool(gqa) == (arch in DECODERS), arch
+    for site in gqa:
+        assert removals.get(site.kv_heads), f"{site.module}: no key/value head removed"
 
 
 def expected_params_after(model: nn.Module, graph, plan: Plan) -> int:
@@ -62,6 +82,7 @@ def test_random_30_percent_runs_and_counts(arch: str) -> None:
     assert kinds == {"heads", "channels"}, f"{arch}: {kinds}"
     assert len(graph.attention) == 2
     plan = random_plan(graph)
+    _assert_removes_kv_heads(arch, graph, plan)
     expected = expected_params_after(model, graph, plan)
     summary = apply_plan(model, graph, plan)
     assert summary.params_after == expected == count_params(model)
@@ -75,6 +96,7 @@ def test_removing_zeroed_units_keeps_outputs(arch: str) -> None:
     model = tiny_model(arch)
     graph = graph_of(arch, model)
     plan = random_plan(graph, seed=1)
+    _assert_removes_kv_heads(arch, graph, plan)
     zero_units(model, graph, plan.removals)
     x = example_input(arch)
     before = model_output(model, x)

@@ -281,6 +281,9 @@ def test_truncated_trace_matches_full_trace() -> None:
         vocab_size=128,
     )
     model = AutoModelForCausalLM.from_config(cfg).eval()
+    from prunecli.graph.repeat import repeated_blocks
+
+    assert repeated_blocks(model) is not None  # the fast path is the one under test
     fast = build_graph(model)
     original = build_mod.repeated_blocks
     build_mod.repeated_blocks = lambda m: None  # force the full trace
@@ -302,3 +305,49 @@ def test_truncated_trace_matches_full_trace() -> None:
             (m.param, m.dim, m.index) for m in g.members
         ]
     assert [vars(a) for a in fast.attention] == [vars(a) for a in full.attention]
+
+
+def _assert_same_graph(fast, full) -> None:
+    assert fast.groups.keys() == full.groups.keys()
+    for name, g in full.groups.items():
+        f = fast.groups[name]
+        assert (f.kind, f.num_units, f.prunable, f.parent, f.parent_of) == (
+            g.kind,
+            g.num_units,
+            g.prunable,
+            g.parent,
+            g.parent_of,
+        ), name
+        assert [(m.param, m.dim, m.index) for m in f.members] == [
+            (m.param, m.dim, m.index) for m in g.members
+        ]
+    assert [vars(a) for a in fast.attention] == [vars(a) for a in full.attention]
+
+
+def _full_graph(model):
+    from prunecli.graph import build as build_mod
+
+    original = build_mod.repeated_blocks
+    build_mod.repeated_blocks = lambda m: None  # force the full trace
+    try:
+        return build_graph(model)
+    finally:
+        build_mod.repeated_blocks = original
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text"])
+def test_layers_differing_by_config_are_not_replicated(arch: str) -> None:
+    from prunecli.graph.repeat import repeated_blocks
+
+    # 6 layers: Gemma 2 alternates sliding/global, Gemma 3 has 5 sliding then 1 global
+    types = ["sliding_attention"] * 5 + ["full_attention"]
+    if arch == "gemma2":
+        types = ["sliding_attention", "full_attention"] * 3
+    model = tiny_model(arch, num_hidden_layers=6, layer_types=types, sliding_window=4)
+    assert model.config.layer_types[5] == "full_attention"
+    # blocks 0 and 1 do not stand for the others: no truncated trace
+    assert repeated_blocks(model) is None
+    _assert_same_graph(build_graph(model), _full_graph(model))
+    # the same model with one layer type everywhere is still traced truncated
+    uniform = tiny_model(arch, num_hidden_layers=6, layer_types=["sliding_attention"] * 6, sliding_window=4)
+    assert repeated_blocks(uniform) is not None

@@ -59,3 +59,12 @@ class UnsupportedModelError(InputError):
 
 class PlanError(InputError):
     """A pruning plan that does not fit the model or breaks a group constraint."""
+
+
+class PrunedModelError(PruneCliError):
+    """The engine produced a model whose forward fails (a bug or an unmodelled constraint).
+
+    Raised by ``apply_plan``'s probe forward; the model was modified in place.
+    """
+
+    exit_code = 1

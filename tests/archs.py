@@ -17,9 +17,15 @@ DECODERS: dict[str, dict] = {
 }
 
 
-def tiny_config(model_type: str):
+def tiny_config(model_type: str, **overrides):
+    """The tiny config of ``model_type``; ``overrides`` replace or add config fields."""
     from transformers import AutoConfig
 
+    if overrides:
+        cfg = tiny_config(model_type)
+        kw = {k: v for k, v in cfg.to_dict().items() if k not in ("model_type", "transformers_version")}
+        kw.update(overrides)
+        return AutoConfig.for_model(model_type, **kw)
     if model_type in DECODERS:
         kw = dict(hidden_size=64, num_hidden_layers=2, vocab_size=128, max_position_embeddings=64)
         kw.update(DECODERS[model_type])
@@ -61,12 +67,12 @@ def tiny_config(model_type: str):
     raise KeyError(model_type)
 
 
-def tiny_model(model_type: str, seed: int = 0) -> nn.Module:
+def tiny_model(model_type: str, seed: int = 0, **overrides) -> nn.Module:
     """A randomly initialised tiny model of ``model_type`` in eval mode (float32)."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    cfg = tiny_config(model_type)
+    cfg = tiny_config(model_type, **overrides)
     cls = AutoModel if model_type in ("bert", "vit") else AutoModelForCausalLM
     model = cls.from_config(cfg).eval()
     # random (not zero) biases and norm weights so that exactness tests mean something
@@ -123,7 +129,54 @@ class TinyCNN(nn.Module):
 
 def tiny_cnn(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    m = TinyCNN().eval()
+    return _randomise_bn(TinyCNN().eval())
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand, depthwise 3x3, 1x1 project, residual add."""
+
+    def __init__(self, c: int, expand: int, pad_before_dw: bool = False) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(c, expand, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(expand)
+        self.dw = nn.Conv2d(expand, expand, 3, padding=0 if pad_before_dw else 1, groups=expand, bias=False)
+        self.bn2 = nn.BatchNorm2d(expand)
+        self.project = nn.Conv2d(expand, c, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(c)
+        self.pad_before_dw = pad_before_dw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.relu6(self.bn1(self.expand(x)))
+        if self.pad_before_dw:  # EfficientNet's TF-style "same" padding
+            h = nn.functional.pad(h, (1, 1, 1, 1))
+        h = nn.functional.relu6(self.bn2(self.dw(h)))
+        return x + self.bn3(self.project(h))
+
+
+class MobileCNN(nn.Module):
+    """Depthwise convs (multiplier 1 and 2), a grouped conv, batch norms, residual adds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, stride=2, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.block1 = InvertedResidual(16, 32)
+        self.block2 = InvertedResidual(16, 24, pad_before_dw=True)
+        self.dw2 = nn.Conv2d(16, 32, 3, padding=1, groups=16)  # channel multiplier 2
+        self.bn4 = nn.BatchNorm2d(32)
+        self.grouped = nn.Conv2d(32, 24, 3, padding=1, groups=4)  # 8 in, 6 out per group
+        self.bn5 = nn.BatchNorm2d(24)
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.relu6(self.bn0(self.stem(x)))
+        x = self.block2(self.block1(x))
+        x = nn.functional.relu6(self.bn4(self.dw2(x)))
+        x = nn.functional.relu6(self.bn5(self.grouped(x)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def _randomise_bn(m: nn.Module) -> nn.Module:
     with torch.no_grad():
         for mod in m.modules():
             if isinstance(mod, nn.BatchNorm2d):
@@ -132,6 +185,11 @@ def tiny_cnn(seed: int = 0) -> nn.Module:
                 mod.weight.normal_()
                 mod.bias.normal_()
     return m
+
+
+def mobile_cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return _randomise_bn(MobileCNN().eval())
 
 
 ALL = [*DECODERS, "gpt2", "opt", "bert", "vit"]

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from archs import ALL, example_input, model_output, tiny_cnn, tiny_model
+from archs import ALL, DECODERS, example_input, model_output, tiny_cnn, tiny_model
 from torch import nn
 
 from prunecli.engine import Plan, apply_plan, replay_plan, select_uniform, zero_units
@@ -25,10 +25,21 @@ def graph_of(arch: str, model: nn.Module):
 
 
 def random_plan(graph, frac: float = 0.3, seed: int = 0) -> Plan:
-    """A legal plan removing about ``frac`` of every prunable group (random units)."""
+    """A legal plan removing about ``frac`` of every prunable group (random units).
+
+    With grouped-query attention every layer also loses a whole key/value head (and keeps
+    1 or all query heads per remaining key/value head, alternating with the seed).
+    """
+    from prunecli.engine.select import HeadLayout
+
     gen = torch.Generator().manual_seed(seed)
     scores = {g.name: torch.rand(g.num_units, generator=gen) for g in graph.prunable()}
     plan = select_uniform(graph, scores, frac)
+    for g in graph.prunable("heads"):
+        layout = HeadLayout(graph, g)
+        if layout.kv is not None and layout.num_kv > 1:
+            r = layout.rep if seed % 2 == 0 else 1
+            plan.removals[g.name] = layout.removal(scores[g.name], layout.num_kv - 1, r)
     # groups outside layers (a CNN) are selectable too; make sure every prunable group is hit
     for g in graph.prunable():
         if g.name not in plan.removals and g.num_units > 1:
@@ -36,6 +47,15 @@ def random_plan(graph, frac: float = 0.3, seed: int = 0) -> Plan:
             plan.removals[g.name] = sorted(torch.randperm(g.num_units, generator=gen)[:k].tolist())
     plan.fingerprint = graph.fingerprint
     return plan
+
+
+def _assert_removes_kv_heads(arch: str, graph, plan: Plan) -> None:
+    """Every grouped-query layer loses a key/value head under ``plan`` (all decoders are GQA)."""
+    removals = resolve_removals(graph, plan)
+    gqa = [s for s in graph.attention if s.kv_heads != s.heads]
+    assert bool(gqa) == (arch in DECODERS), arch
+    for site in gqa:
+        assert removals.get(site.kv_heads), f"{site.module}: no key/value head removed"
 
 
 def expected_params_after(model: nn.Module, graph, plan: Plan) -> int:
@@ -62,6 +82,7 @@ def test_random_30_percent_runs_and_counts(arch: str) -> None:
     assert kinds == {"heads", "channels"}, f"{arch}: {kinds}"
     assert len(graph.attention) == 2
     plan = random_plan(graph)
+    _assert_removes_kv_heads(arch, graph, plan)
     expected = expected_params_after(model, graph, plan)
     summary = apply_plan(model, graph, plan)
     assert summary.params_after == expected == count_params(model)
@@ -75,6 +96,7 @@ def test_removing_zeroed_units_keeps_outputs(arch: str) -> None:
     model = tiny_model(arch)
     graph = graph_of(arch, model)
     plan = random_plan(graph, seed=1)
+    _assert_removes_kv_heads(arch, graph, plan)
     zero_units(model, graph, plan.removals)
     x = example_input(arch)
     before = model_output(model, x)
@@ -259,6 +281,9 @@ def test_truncated_trace_matches_full_trace() -> None:
         vocab_size=128,
     )
     model = AutoModelForCausalLM.from_config(cfg).eval()
+    from prunecli.graph.repeat import repeated_blocks
+
+    assert repeated_blocks(model) is not None  # the fast path is the one under test
     fast = build_graph(model)
     original = build_mod.repeated_blocks
     build_mod.repeated_blocks = lambda m: None  # force the full trace
@@ -280,3 +305,49 @@ def test_truncated_trace_matches_full_trace() -> None:
             (m.param, m.dim, m.index) for m in g.members
         ]
     assert [vars(a) for a in fast.attention] == [vars(a) for a in full.attention]
+
+
+def _assert_same_graph(fast, full) -> None:
+    assert fast.groups.keys() == full.groups.keys()
+    for name, g in full.groups.items():
+        f = fast.groups[name]
+        assert (f.kind, f.num_units, f.prunable, f.parent, f.parent_of) == (
+            g.kind,
+            g.num_units,
+            g.prunable,
+            g.parent,
+            g.parent_of,
+        ), name
+        assert [(m.param, m.dim, m.index) for m in f.members] == [
+            (m.param, m.dim, m.index) for m in g.members
+        ]
+    assert [vars(a) for a in fast.attention] == [vars(a) for a in full.attention]
+
+
+def _full_graph(model):
+    from prunecli.graph import build as build_mod
+
+    original = build_mod.repeated_blocks
+    build_mod.repeated_blocks = lambda m: None  # force the full trace
+    try:
+        return build_graph(model)
+    finally:
+        build_mod.repeated_blocks = original
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text"])
+def test_layers_differing_by_config_are_not_replicated(arch: str) -> None:
+    from prunecli.graph.repeat import repeated_blocks
+
+    # 6 layers: Gemma 2 alternates sliding/global, Gemma 3 has 5 sliding then 1 global
+    types = ["sliding_attention"] * 5 + ["full_attention"]
+    if arch == "gemma2":
+        types = ["sliding_attention", "full_attention"] * 3
+    model = tiny_model(arch, num_hidden_layers=6, layer_types=types, sliding_window=4)
+    assert model.config.layer_types[5] == "full_attention"
+    # blocks 0 and 1 do not stand for the others: no truncated trace
+    assert repeated_blocks(model) is None
+    _assert_same_graph(build_graph(model), _full_graph(model))
+    # the same model with one layer type everywhere is still traced truncated
+    uniform = tiny_model(arch, num_hidden_layers=6, layer_types=["sliding_attention"] * 6, sliding_window=4)
+    assert repeated_blocks(uniform) is not None

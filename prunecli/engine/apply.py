@@ -16,18 +16,129 @@ import torch
 from torch import nn
 
 from prunecli.engine.plan import Plan
-from prunecli.errors import PlanError
+from prunecli.errors import PlanError, PrunedModelError, UnsupportedModelError
 from prunecli.graph import DependencyGraph, Group, build_graph, model_fingerprint
+from prunecli.graph.build import probe_forward
 
-# attribute name -> what it counts, for attention modules
-_HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "n_heads", "self_attention_heads")
-_KV_ATTRS = ("num_key_value_heads", "num_kv_heads", "n_kv_heads")
-_GROUP_ATTRS = ("num_key_value_groups", "num_kv_groups")
-_WIDTH_ATTRS = ("all_head_size", "inner_dim", "split_size", "hidden_size_per_attention", "query_pos")
-# config attribute names, first match wins
-_CFG_HEADS = ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")
-_CFG_KV = ("num_key_value_heads", "multi_query_group_num")
-_CFG_MLP = ("intermediate_size", "ffn_dim", "n_inner", "encoder_ffn_dim", "ffn_hidden_size", "d_ff")
+
+@dataclasses.dataclass(frozen=True)
+class AttentionWidths:
+    """Which attributes of an attention module class hold which width.
+
+    Attributes:
+        heads: attributes equal to the number of query heads.
+        kv_heads: attributes equal to the number of key/value heads.
+        kv_groups: attributes equal to query heads per key/value head.
+        width: attributes equal to ``heads * head_dim``.
+        head_dim: attributes equal to the head width (never changed, only checked).
+        reads_config: the module reads head counts from ``self.config`` at run time
+            (Phi-3's fused qkv split): it gets its own config copy with the new counts.
+    """
+
+    heads: tuple[str, ...] = ()
+    kv_heads: tuple[str, ...] = ()
+    kv_groups: tuple[str, ...] = ()
+    width: tuple[str, ...] = ()
+    head_dim: tuple[str, ...] = ()
+    reads_config: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchWidths:
+    """Where one architecture records its widths (module attributes and config fields).
+
+    Attributes:
+        attention: attention module class name -> its :class:`AttentionWidths`.
+        mlp: class name of the module owning an MLP channel group -> attributes equal to
+            the MLP width.
+        cfg_heads / cfg_kv_heads / cfg_mlp: config fields holding query heads, key/value
+            heads and MLP width (``None``: the architecture has no such field).
+    """
+
+    attention: dict[str, AttentionWidths]
+    mlp: dict[str, tuple[str, ...]]
+    cfg_heads: str | None = None
+    cfg_kv_heads: str | None = None
+    cfg_mlp: str | None = None
+
+
+def _llama_like(prefix: str) -> ArchWidths:
+    return ArchWidths(
+        attention={
+            f"{prefix}Attention": AttentionWidths(kv_groups=("num_key_value_groups",), head_dim=("head_dim",))
+        },
+        mlp={f"{prefix}MLP": ("intermediate_size",)},
+        cfg_heads="num_attention_heads",
+        cfg_kv_heads="num_key_value_heads",
+        cfg_mlp="intermediate_size",
+    )
+
+
+def _bert_like(prefix: str) -> ArchWidths:
+    return ArchWidths(
+        attention={
+            f"{prefix}SelfAttention": AttentionWidths(
+                heads=("num_attention_heads",), width=("all_head_size",), head_dim=("attention_head_size",)
+            )
+        },
+        mlp={f"{prefix}Layer": ()},
+        cfg_heads="num_attention_heads",
+        cfg_mlp="intermediate_size",
+    )
+
+
+#: model_type -> where its widths live. An architecture missing here is refused by
+#: :func:`check_supported` (pruning it would leave stale counts in modules or config).
+ARCH_WIDTHS: dict[str, ArchWidths] = {
+    "llama": _llama_like("Llama"),
+    "mistral": _llama_like("Mistral"),
+    "qwen2": _llama_like("Qwen2"),
+    "qwen3": _llama_like("Qwen3"),
+    "gemma": _llama_like("Gemma"),
+    "gemma2": _llama_like("Gemma2"),
+    "gemma3_text": _llama_like("Gemma3"),
+    "phi3": ArchWidths(
+        attention={
+            "Phi3Attention": AttentionWidths(
+                kv_heads=("num_key_value_heads",),
+                kv_groups=("num_key_value_groups",),
+                head_dim=("head_dim",),
+                reads_config=True,
+            )
+        },
+        mlp={"Phi3MLP": ()},
+        cfg_heads="num_attention_heads",
+        cfg_kv_heads="num_key_value_heads",
+        cfg_mlp="intermediate_size",
+    ),
+    "gpt2": ArchWidths(
+        attention={
+            "GPT2Attention": AttentionWidths(
+                heads=("num_heads",), width=("split_size",), head_dim=("head_dim",)
+            )
+        },
+        mlp={"GPT2MLP": ()},
+        cfg_heads="n_head",
+        cfg_mlp="n_inner",
+    ),
+    "opt": ArchWidths(
+        attention={"OPTAttention": AttentionWidths(heads=("num_heads",), head_dim=("head_dim",))},
+        mlp={"OPTDecoderLayer": ()},
+        cfg_heads="num_attention_heads",
+        cfg_mlp="ffn_dim",
+    ),
+    "bert": _bert_like("Bert"),
+    "roberta": _bert_like("Roberta"),
+    "vit": ArchWidths(
+        attention={"ViTAttention": AttentionWidths(heads=("num_attention_heads",), head_dim=("head_dim",))},
+        mlp={"ViTMLP": ()},
+        cfg_heads="num_attention_heads",
+        cfg_mlp="intermediate_size",
+    ),
+}
+#: models without a config (plain ``nn.Module``: CNNs, MLPs): only the generic leaf
+#: modules of ``_update_module_attrs`` record widths; attention modules are refused.
+GENERIC_WIDTHS = ArchWidths(attention={}, mlp={})
 
 
 @dataclasses.dataclass
@@ -202,6 +313,8 @@ def apply_plan(
     if graph.fingerprint != fp:
         raise PlanError("the graph was built for a different state of this model; rebuild it")
     removals = resolve_removals(graph, plan)
+    spec = check_supported(model, graph, removals)
+    shapes_before = probe_forward(model, graph)
     params_before = count_params(model)
     blocks_before = block_params(model, graph)
     per_param = _param_removals(graph, removals)
@@ -230,8 +343,9 @@ def apply_plan(
     _update_module_attrs(model)
     # after slicing: new zero biases of sibling projections get their pruned widths
     _apply_bias_updates(model, graph, plan.bias_updates)
-    layers = _update_attention(model, graph, removals)
-    _update_config(model, graph, removals, layers)
+    layers = _update_attention(model, graph, removals, spec)
+    _update_config(model, layers, spec)
+    _check_probe(model, graph, shapes_before)
     summary = PruneSummary(
         params_before=params_before,
         params_after=count_params(model),
@@ -242,6 +356,24 @@ def apply_plan(
     )
     model._prunecli_plan = plan  # type: ignore[assignment]
     return summary
+
+
+def _check_probe(model: nn.Module, graph: DependencyGraph, shapes_before: list[tuple[int, ...]]) -> None:
+    """The pruned model must run on the trace input and keep its output shapes."""
+    try:
+        shapes = probe_forward(model, graph)
+    except Exception as e:  # noqa: BLE001 - any failure of the forward is the finding
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise PrunedModelError(
+            f"the pruned model's forward fails ({type(e).__name__}: {first}); "
+            "the model was modified in place and must be reloaded",
+            hint="report this with `prunecli graph MODEL --all`: a constraint of this model is not modelled",
+        ) from e
+    if shapes != shapes_before:
+        raise PrunedModelError(
+            f"pruning changed the model's output shapes from {shapes_before} to {shapes}",
+            hint="report this with `prunecli graph MODEL --all`: a constraint of this model is not modelled",
+        )
 
 
 def _retie(model: nn.Module, aliases: dict[int, list[str]], before: dict[str, torch.Tensor]) -> None:
@@ -268,12 +400,14 @@ def _update_module_attrs(model: nn.Module) -> None:
         elif type(mod).__name__ == "Conv1D" and w.dim() == 2:
             mod.nx, mod.nf = int(w.shape[0]), int(w.shape[1])
         elif isinstance(mod, nn.modules.conv._ConvNd):
-            depthwise = mod.groups > 1 and w.shape[1] == 1
-            mod.out_channels = int(w.shape[0])
-            if depthwise:
-                mod.groups = mod.in_channels = int(w.shape[0])
+            # the graph removes whole groups of a depthwise conv (one input channel each)
+            # and the same positions from every group of a general grouped conv
+            if mod.groups > 1 and mod.in_channels == mod.groups:
+                multiplier = mod.out_channels // mod.groups
+                mod.groups = mod.in_channels = int(w.shape[0]) // multiplier
             else:
                 mod.in_channels = int(w.shape[1]) * mod.groups
+            mod.out_channels = int(w.shape[0])
         elif isinstance(mod, nn.Embedding):
             mod.num_embeddings, mod.embedding_dim = int(w.shape[0]), int(w.shape[1])
         elif isinstance(mod, nn.LayerNorm):
@@ -288,104 +422,194 @@ def _kept(g: Group, removals: dict[str, list[int]]) -> int:
     return g.num_units - len(removals.get(g.name, []))
 
 
-def _update_attention(
-    model: nn.Module, graph: DependencyGraph, removals: dict[str, list[int]]
-) -> dict[int, dict[str, int]]:
-    """Set head counts on attention modules; return per-layer widths."""
-    layers: dict[int, dict[str, int]] = defaultdict(dict)
+def arch_widths(model: nn.Module) -> ArchWidths:
+    """The :data:`ARCH_WIDTHS` entry for ``model`` (``GENERIC_WIDTHS`` without a config).
+
+    Raises:
+        UnsupportedModelError: the model has a config whose ``model_type`` is not in the table.
+    """
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return GENERIC_WIDTHS
+    model_type = getattr(cfg, "model_type", None)
+    spec = ARCH_WIDTHS.get(model_type)  # type: ignore[arg-type]
+    if spec is None:
+        raise UnsupportedModelError(
+            f"unsupported: prunecli does not know where a {model_type!r} model records its head "
+            "counts and MLP widths; pruning it would leave stale values in its modules and config",
+            hint=f"supported model types: {', '.join(sorted(ARCH_WIDTHS))}",
+        )
+    return spec
+
+
+def _mlp_groups(graph: DependencyGraph, removals: dict[str, list[int]] | None) -> list[Group]:
+    """Channel groups inside layers that a plan removes from (or could, when ``None``)."""
+    return [
+        g
+        for g in graph.groups.values()
+        if g.kind == "channels"
+        and g.layer is not None
+        and (g.name in removals if removals is not None else g.prunable)
+    ]
+
+
+def check_supported(
+    model: nn.Module, graph: DependencyGraph, removals: dict[str, list[int]] | None = None
+) -> ArchWidths:
+    """Refuse a model whose widths the engine cannot record exactly; cheap, no calibration.
+
+    Every attention module whose heads may go must be a class of :data:`ARCH_WIDTHS` with
+    the attributes the table names, and every channel group inside a layer must be an
+    MLP the table knows (its width is a config field). Run it before calibration;
+    :func:`apply_plan` runs it again before slicing anything.
+
+    Args:
+        model: the unpruned model.
+        graph: its dependency graph.
+        removals: the plan's removals (``None``: every prunable group counts).
+
+    Raises:
+        UnsupportedModelError: with the reason (unknown model type, attention class,
+            missing attribute, or a channel group with no known width field).
+    """
+    spec = arch_widths(model)
     named = dict(model.named_modules())
     for site in graph.attention:
         heads = graph.groups[site.heads]
+        hit = heads.name in removals if removals is not None else heads.prunable
+        mod = named.get(site.module)
+        if not hit or mod is None:
+            continue
+        cls = type(mod).__name__
+        aw = spec.attention.get(cls)
+        if aw is None:
+            raise UnsupportedModelError(
+                f"unsupported: attention module {site.module} ({cls}) is not in prunecli's width "
+                "table; its head counts would not be updated",
+                hint="prune only MLP channels (--ignore '*attn*') or add the class to ARCH_WIDTHS",
+            )
+        expected = {
+            **{a: site.num_heads for a in aw.heads},
+            **{a: site.num_kv_heads for a in aw.kv_heads},
+            **{a: site.num_heads // max(1, site.num_kv_heads) for a in aw.kv_groups},
+            **{a: site.num_heads * site.head_dim for a in aw.width},
+            **{a: site.head_dim for a in aw.head_dim},
+        }
+        for attr, value in expected.items():
+            if getattr(mod, attr, None) != value:
+                raise UnsupportedModelError(
+                    f"unsupported: {site.module}.{attr} is {getattr(mod, attr, None)!r}, but the traced "
+                    f"graph implies {value} ({site.num_heads} heads, {site.num_kv_heads} key/value heads, "
+                    f"head width {site.head_dim}); prunecli's width table does not fit this {cls}",
+                )
+    for g in _mlp_groups(graph, removals):
+        cls = type(named.get(g.module)).__name__
+        if getattr(model, "config", None) is not None and cls not in spec.mlp:
+            raise UnsupportedModelError(
+                f"unsupported: channel group {g.name} ({cls}) is not an MLP in prunecli's width "
+                "table; no config field would record its new width",
+                hint=f"leave it out with --ignore '{g.module}'",
+            )
+    return spec
+
+
+def _update_attention(
+    model: nn.Module, graph: DependencyGraph, removals: dict[str, list[int]], spec: ArchWidths
+) -> dict[int, dict[str, int]]:
+    """Set head counts and MLP widths on modules (from the width table); return per-layer widths."""
+    layers: dict[int, dict[str, int]] = defaultdict(dict)
+    named = dict(model.named_modules())
+    cfg = getattr(model, "config", None)
+    for site in graph.attention:
+        heads = graph.groups[site.heads]
         kv = graph.groups[site.kv_heads]
-        h_old, h_new = heads.num_units, _kept(heads, removals)
-        if kv.name != heads.name:
-            k_old, k_new = kv.num_units, _kept(kv, removals)
-        else:
-            k_old, k_new = h_old, h_new
+        h_new = _kept(heads, removals)
+        k_new = _kept(kv, removals) if kv.name != heads.name else h_new
         d = site.head_dim
         mod = named.get(site.module)
-        if mod is not None and (h_new != h_old or k_new != k_old):
-            for attr in _HEAD_ATTRS:
-                if getattr(mod, attr, None) == h_old:
-                    setattr(mod, attr, h_new)
-            for attr in _KV_ATTRS:
-                if getattr(mod, attr, None) == k_old:
-                    setattr(mod, attr, k_new)
-            for attr in _GROUP_ATTRS:
-                if getattr(mod, attr, None) == h_old // max(1, k_old):
-                    setattr(mod, attr, h_new // max(1, k_new))
-            for attr in _WIDTH_ATTRS:
-                if getattr(mod, attr, None) == h_old * d:
-                    setattr(mod, attr, h_new * d)
-            cfg = getattr(mod, "config", None)
-            if cfg is not None and hasattr(cfg, "to_dict"):
-                # modules that read head counts from their config (Phi-3's fused qkv)
-                local = copy.copy(cfg)
+        if mod is not None and (h_new != site.num_heads or k_new != site.num_kv_heads):
+            aw = spec.attention[type(mod).__name__]  # check_supported vouched for it
+            for attr in aw.heads:
+                setattr(mod, attr, h_new)
+            for attr in aw.kv_heads:
+                setattr(mod, attr, k_new)
+            for attr in aw.kv_groups:
+                setattr(mod, attr, h_new // k_new)
+            for attr in aw.width:
+                setattr(mod, attr, h_new * d)
+            if aw.reads_config and cfg is not None:
+                local = copy.copy(getattr(mod, "config", cfg))
                 local.__dict__.pop("_heterogeneity_spec", None)
-                for attr in _CFG_HEADS:
-                    if attr in local.__dict__:
-                        local.__dict__[attr] = h_new
-                        break
-                for attr in _CFG_KV:
-                    if attr in local.__dict__:
-                        local.__dict__[attr] = k_new
-                        break
-                if "head_dim" in local.__dict__:
-                    local.__dict__["head_dim"] = d
+                local.__dict__.pop("per_layer_config", None)
+                if spec.cfg_heads:
+                    local.__dict__[spec.cfg_heads] = h_new
+                if spec.cfg_kv_heads:
+                    local.__dict__[spec.cfg_kv_heads] = k_new
+                local.__dict__["head_dim"] = d
                 mod.config = local
         if heads.layer is not None:
             layers[heads.layer].update({"heads": h_new, "kv_heads": k_new, "head_dim": d})
     for g in graph.groups.values():
-        if g.kind == "channels" and g.layer is not None and (g.prunable or g.name in removals):
-            if g.name in removals or "channels" not in layers.get(g.layer, {}):
-                layers[g.layer]["channels"] = _kept(g, removals)
-                layers[g.layer]["channels_before"] = g.num_units
+        if g.kind != "channels" or g.layer is None or not (g.prunable or g.name in removals):
+            continue
+        if g.name not in removals and "channels" in layers.get(g.layer, {}):
+            continue
+        kept = _kept(g, removals)
+        layers[g.layer]["channels"] = kept
+        layers[g.layer]["channels_before"] = g.num_units
+        for attr in spec.mlp.get(type(named.get(g.module)).__name__, ()):
+            setattr(named[g.module], attr, kept)
     return dict(sorted(layers.items()))
 
 
-def _first_attr(cfg: Any, names: tuple[str, ...]) -> str | None:
-    for n in names:
-        if n in cfg.__dict__:
-            return n
-    return None
+def _global_ok(cfg: Any, values: dict[str, int], spec: ArchWidths) -> bool:
+    """Whether stock transformers accepts these widths as global config fields.
+
+    transformers 5 refuses a ``hidden_size`` that is not a multiple of the head count
+    (the config validator of Llama/Gemma, BERT's attention constructor), even with an
+    explicit ``head_dim``; per-layer configs are not checked that way.
+    """
+    heads = values.get(spec.cfg_heads) if spec.cfg_heads else None
+    hidden = getattr(cfg, "hidden_size", None)
+    if heads and isinstance(hidden, int) and hidden % heads:
+        return False
+    trial = copy.deepcopy(cfg)
+    try:
+        for k, v in values.items():
+            setattr(trial, k, v)
+        if hasattr(trial, "validate"):
+            trial.validate()
+    except Exception:  # noqa: BLE001 - any validation failure means: not as global fields
+        return False
+    return True
 
 
-def _update_config(
-    model: nn.Module,
-    graph: DependencyGraph,
-    removals: dict[str, list[int]],
-    layers: dict[int, dict[str, int]],
-) -> None:
-    """Record the new widths on ``model.config``: global when uniform, else per layer."""
+def _update_config(model: nn.Module, layers: dict[int, dict[str, int]], spec: ArchWidths) -> None:
+    """Record the new widths on ``model.config``: global when uniform and accepted, else per layer."""
     cfg = getattr(model, "config", None)
     if cfg is None or not layers:
         return
-    heads_attr = _first_attr(cfg, _CFG_HEADS)
-    kv_attr = _first_attr(cfg, _CFG_KV)
-    mlp_attr = _first_attr(cfg, _CFG_MLP)
-    mlp_width = cfg.__dict__.get(mlp_attr) if mlp_attr else None
-    if mlp_attr == "n_inner" and mlp_width is None:
-        mlp_width = 4 * int(getattr(cfg, "n_embd", getattr(cfg, "hidden_size", 0)))
     per_layer: dict[int, dict[str, int]] = {}
     for layer, w in layers.items():
         o: dict[str, int] = {}
-        if "heads" in w and heads_attr:
-            o[heads_attr] = w["heads"]
-            if kv_attr:
-                o[kv_attr] = w["kv_heads"]
+        if "heads" in w and spec.cfg_heads:
+            o[spec.cfg_heads] = w["heads"]
+            if spec.cfg_kv_heads:
+                o[spec.cfg_kv_heads] = w["kv_heads"]
             # stated explicitly: many configs derive it as hidden_size // heads otherwise
             o["head_dim"] = w["head_dim"]
-        if "channels" in w and mlp_attr and w.get("channels_before") == mlp_width:
-            o[mlp_attr] = w["channels"]
+        if "channels" in w and spec.cfg_mlp:
+            o[spec.cfg_mlp] = w["channels"]
         per_layer[layer] = o
     keys = {k for o in per_layer.values() for k in o}
     n_layers = int(getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", len(per_layer))) or 0)
     uniform = (
         all(len({o.get(k) for o in per_layer.values()}) == 1 for k in keys) and len(per_layer) == n_layers
     )
-    if uniform:
+    first = next(iter(per_layer.values()))
+    if uniform and _global_ok(cfg, {k: first[k] for k in keys}, spec):
         for k in keys:
-            setattr(cfg, k, next(iter(per_layer.values()))[k])
+            setattr(cfg, k, first[k])
         return
     if any("head_dim" in w for w in layers.values()):
         cfg.head_dim = next(w["head_dim"] for w in layers.values() if "head_dim" in w)

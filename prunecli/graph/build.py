@@ -25,6 +25,9 @@ class DependencyGraph:
         attention: the attention computations found (module, head groups, head counts).
         fingerprint: hash of the model's parameter names and shapes when traced.
         unknown_ops: ops the tracer does not model (their channels were locked).
+        example_inputs: the inputs the model was traced with (``apply_plan`` runs a probe
+            forward on them); ``input_name`` is the keyword they are passed as to a
+            transformers model (``None``: positional, a plain module).
     """
 
     def __init__(
@@ -33,11 +36,15 @@ class DependencyGraph:
         attention: list[AttentionSite],
         fingerprint: str,
         unknown_ops: dict[str, int],
+        example_inputs: tuple[Any, ...] | None = None,
+        input_name: str | None = None,
     ) -> None:
         self.groups = groups
         self.attention = attention
         self.fingerprint = fingerprint
         self.unknown_ops = unknown_ops
+        self.example_inputs = example_inputs
+        self.input_name = input_name
 
     def prunable(self, kind: str | None = None) -> list[Group]:
         """Groups that methods may remove units from (optionally of one kind)."""
@@ -134,6 +141,7 @@ def build_graph(model: nn.Module, example_inputs: tuple[Any, ...] | None = None)
             wrapper: nn.Module = _Wrapper(model, input_name)
             args: tuple[Any, ...] = (x,)
             prefix = "m."
+            probe_name: str | None = input_name
         else:
             if example_inputs is None:
                 raise UnsupportedModelError(
@@ -141,6 +149,7 @@ def build_graph(model: nn.Module, example_inputs: tuple[Any, ...] | None = None)
                     hint="pass example_inputs=(torch.randn(1, 3, 32, 32),) or similar",
                 )
             wrapper, args, prefix = model, tuple(example_inputs), ""
+            probe_name = None
         fingerprint = model_fingerprint(model)
         blocks = repeated_blocks(model) if example_inputs is None else None
         table = None
@@ -154,7 +163,40 @@ def build_graph(model: nn.Module, example_inputs: tuple[Any, ...] | None = None)
                 table = _table_from_trace(trace_channels(wrapper, args, prefix)[0])
     finally:
         model.train(was_training)
-    return _groups_from_table(model, table, fingerprint)
+    graph = _groups_from_table(model, table, fingerprint)
+    graph.example_inputs, graph.input_name = args, probe_name
+    return graph
+
+
+def probe_forward(model: nn.Module, graph: DependencyGraph) -> list[tuple[int, ...]]:
+    """Run ``model`` once on the graph's trace inputs (no grad, eval); return output shapes.
+
+    The call is the one the tracer made (the same input kind, no KV cache). Exceptions
+    propagate to the caller.
+    """
+    if graph.example_inputs is None:
+        x, name = default_example_inputs(model)
+        args: tuple[Any, ...] = (x,)
+    else:
+        args, name = graph.example_inputs, graph.input_name
+    p = next(iter(model.parameters()), None)
+    if p is not None:
+        args = tuple(
+            a.to(p.device, p.dtype if a.is_floating_point() else a.dtype)
+            if isinstance(a, torch.Tensor)
+            else a
+            for a in args
+        )
+    call = _Wrapper(model, name) if name is not None else model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = call(*args)
+    finally:
+        model.train(was_training)
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return [tuple(o.shape) for o in outs if isinstance(o, torch.Tensor)]
 
 
 # ---------------------------------------------------------------------------------------

@@ -5,7 +5,10 @@ layers are the same module class with the same parameter shapes. We temporarily 
 the block list to its first two blocks (the real modules, not copies), trace, and
 check that block 1 shows exactly block 0's structure (renamed) before replicating it.
 Two blocks, not one, so that couplings between consecutive blocks (the residual
-stream) are seen. Anything irregular falls back to tracing the whole model.
+stream) are seen. Anything irregular falls back to tracing the whole model, including
+layers that differ only by configuration (Gemma 2/3 sliding vs global attention,
+``no_rope_layers``, layers reading another layer's cache): their block signatures or the
+config's per-layer lists differ.
 """
 
 from __future__ import annotations
@@ -25,19 +28,58 @@ class NotRepeating(Exception):
     """Block 1 does not mirror block 0: trace the full model instead."""
 
 
+# attributes that number a block rather than configure it
+_INDEX_ATTRS = {"layer_idx", "layer_id", "layer_index", "layer_number", "block_idx"}
+_SIMPLE = (int, float, str, bool, type(None))
+
+
 def _block_signature(block: nn.Module) -> tuple[Any, ...]:
+    """Class, parameter shapes, submodule classes and plain attributes of one block.
+
+    Plain attributes (``is_sliding``, ``sliding_window``, ``layer_type``, ``use_rope``,
+    a shared-cache flag, ...) are part of it: layers that differ by config run different
+    code even with identical weights, so they are never replicated from another layer.
+    """
+    attrs = tuple(
+        (name, k, v)
+        for name, m in block.named_modules()
+        for k, v in sorted(vars(m).items())
+        if not k.startswith("_") and k not in _INDEX_ATTRS and isinstance(v, _SIMPLE)
+    )
     return (
         type(block).__name__,
         tuple((n, tuple(t.shape)) for n, t in block.state_dict().items()),
         tuple(type(m).__name__ for m in block.modules()),
+        attrs,
     )
 
 
+def _per_layer_config_differs(model: nn.Module, n: int) -> bool:
+    """A config list with one entry per layer (``layer_types``, ``no_rope_layers``, ...) that varies."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return False
+    if getattr(cfg, "is_heterogeneous", False):
+        return True
+    for key, value in vars(cfg).items():
+        if key.endswith("token_id"):
+            continue
+        if isinstance(value, (list, tuple)) and len(value) == n and len({repr(v) for v in value}) > 1:
+            return True
+    return False
+
+
 def repeated_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The largest ``nn.ModuleList`` of at least 3 structurally identical blocks."""
+    """The largest ``nn.ModuleList`` of at least 3 identical blocks (structure and settings).
+
+    Returns ``None`` (trace the whole model) when the blocks differ in any way the
+    signature sees, or when the config holds a per-layer list whose entries differ.
+    """
     best = None
     for path, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) <= KEEP or not path:
+            continue
+        if _per_layer_config_differs(model, len(mod)):
             continue
         sig = _block_signature(mod[0])
         if all(_block_signature(b) == sig for b in mod[1:]):

@@ -258,9 +258,10 @@ _MIX_ALONG_DIM_OPS = {
     aten.log_softmax.int,
     aten._log_softmax.default,
     aten.cumsum.default,
-    aten.sort.default,
-    aten.topk.default,
 }
+# sort/topk reorder (and topk drops) values by their magnitude: which channel lands where
+# depends on the data, so they are never modelled and lock what flows through them
+# (they fall through to ``_unknown`` with the op's name as the reason).
 # Ops whose outputs never carry channels (shapes, masks, constants).
 _NO_CHANNEL_OPS = {
     aten.arange.default,
@@ -647,6 +648,11 @@ def _propagate(
     if target is aten.scaled_dot_product_attention.default:
         return _sdpa(tr, node, rargs, rkwargs, iargs, ikwargs, out)
 
+    if target is aten.constant_pad_nd.default:
+        # padded positions (spatial, or new channels) belong to no channel
+        xi = _sub_ids(tr, iargs[0], rargs[0])
+        return _ids(torch.nn.functional.pad(xi, list(rargs[1]), value=NONE))
+
     if target in _IDENTITY_OPS:
         src = iargs[0]
         if not _has_channels(src):
@@ -752,19 +758,37 @@ def _conv(tr: _Tracer, rargs: Any, iargs: Any, out: Tensor) -> Tensor:
     if _is_ids(x):
         xc = x.movedim(1, -1).reshape(-1, cin)
         none_cols = (xc < 0).all(dim=0)
+        per_in = cin // groups  # input channels each group reads (weight dim 1)
+        per_out = w.shape[0] // groups  # output channels each group writes
         if groups == 1:
             if bool(none_cols.any()):
                 tr.lock(in_ids[none_cols], "input channels fed by no prunable channel")
             tr.unite_pairs(xc, in_ids.expand_as(xc))
-        elif groups == cin and w.shape[0] == cin and w.shape[1] == 1:
-            # depthwise: output channel c reads input channel c only
-            tr.unite_pairs(xc, out_ids.expand_as(xc))
+        elif per_in == 1:
+            # depthwise (channel multiplier per_out): group c is input channel c and output
+            # channels c*per_out .. (c+1)*per_out-1; the group is the unit, removing one
+            # lowers ``groups``
+            by_group = out_ids.reshape(groups, per_out)
+            for k in range(per_out):
+                tr.unite_pairs(xc, by_group[:, k].expand_as(xc))
+            if bool(none_cols.any()):
+                tr.lock(by_group[none_cols].reshape(-1), "depthwise channels fed by no prunable channel")
             tr.lock(in_ids, "depthwise kernel dimension")
         else:
-            tr.unite_all(torch.cat([xc.reshape(-1), out_ids, in_ids]))
-            tr.lock(out_ids, f"grouped convolution with {groups} groups")
+            # general groups: input channel c meets weight column c % per_in and output row
+            # o belongs to group o // per_out. Removing the same position from every group
+            # keeps ``groups`` and is exact, so a position is one unit across all groups.
+            pos_in = torch.arange(cin) % per_in
+            if bool(none_cols.any()):
+                tr.lock(in_ids[pos_in[none_cols]], "input channels fed by no prunable channel")
+            tr.unite_pairs(xc, in_ids[pos_in].expand_as(xc))
+            by_group = out_ids.reshape(groups, per_out)
+            for k in range(1, groups):
+                tr.unite_pairs(by_group[0], by_group[k])
     else:
         tr.lock(in_ids, "input channels fed by no prunable channel")
+        if groups > 1 and cin // groups == 1:
+            tr.lock(out_ids, "depthwise channels fed by no prunable channel")
     if isinstance(b, ParamRef):
         tr.unite_pairs(b.dim_ids(0), out_ids)
     shape = [1] * out.dim()

@@ -336,18 +336,23 @@ def _full_graph(model):
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3_text"])
-def test_layers_differing_by_config_are_not_replicated(arch: str) -> None:
-    from prunecli.graph.repeat import repeated_blocks
+def test_layers_differing_by_config_are_traced_once_per_signature(arch: str) -> None:
+    from prunecli.graph.repeat import sample_blocks
 
-    # 6 layers: Gemma 2 alternates sliding/global, Gemma 3 has 5 sliding then 1 global
-    types = ["sliding_attention"] * 5 + ["full_attention"]
+    # Gemma 2 alternates sliding/global; Gemma 3 has 5 sliding layers then 1 global
     if arch == "gemma2":
-        types = ["sliding_attention", "full_attention"] * 3
-    model = tiny_model(arch, num_hidden_layers=6, layer_types=types, sliding_window=4)
+        types, traced = ["sliding_attention", "full_attention"] * 3, [0, 1, 2, 3]
+    else:
+        types, traced = (["sliding_attention"] * 5 + ["full_attention"]) * 2, [0, 1, 5, 11]
+    model = tiny_model(arch, num_hidden_layers=len(types), layer_types=types, sliding_window=4)
     assert model.config.layer_types[5] == "full_attention"
-    # blocks 0 and 1 do not stand for the others: no truncated trace
-    assert repeated_blocks(model) is None
+    sample = sample_blocks(model)
+    # two blocks of each layer type are traced; every layer copies a traced block of its own type
+    assert sample is not None and sample.traced == traced
+    assert all(types[sample.traced[sample.template[j]]] == types[j] for j in range(len(types)))
     _assert_same_graph(build_graph(model), _full_graph(model))
-    # the same model with one layer type everywhere is still traced truncated
-    uniform = tiny_model(arch, num_hidden_layers=6, layer_types=["sliding_attention"] * 6, sliding_window=4)
-    assert repeated_blocks(uniform) is not None
+    # a global layer held by one layer only is traced as itself
+    if arch == "gemma3_text":
+        six = tiny_model(arch, num_hidden_layers=6, layer_types=types[:6], sliding_window=4)
+        assert sample_blocks(six).traced == [0, 1, 5]
+        _assert_same_graph(build_graph(six), _full_graph(six))

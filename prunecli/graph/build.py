@@ -156,7 +156,7 @@ def build_graph(model: nn.Module, example_inputs: tuple[Any, ...] | None = None)
         with torch.no_grad():
             if blocks is not None:
                 try:
-                    table = trace_truncated(model, wrapper, args, prefix, *blocks)
+                    table = trace_truncated(model, wrapper, args, prefix, blocks)
                 except NotRepeating:
                     table = None
             if table is None:

@@ -1,18 +1,21 @@
-"""Trace two of N identical blocks, then replicate what was found to all N.
+"""Trace a few of N blocks, then replicate what was found to all N.
 
 Exporting a 30-layer model costs about 30 times as much as a 2-layer one, while its
-layers are the same module class with the same parameter shapes. We temporarily cut
-the block list to its first two blocks (the real modules, not copies), trace, and
-check that block 1 shows exactly block 0's structure (renamed) before replicating it.
-Two blocks, not one, so that couplings between consecutive blocks (the residual
-stream) are seen. Anything irregular falls back to tracing the whole model, including
-layers that differ only by configuration (Gemma 2/3 sliding vs global attention,
-``no_rope_layers``, layers reading another layer's cache): their block signatures or the
-config's per-layer lists differ.
+layers are the same module class with the same parameter shapes. Blocks are grouped by
+*signature*: class, parameter shapes, submodule classes, plain settings (``is_sliding``,
+``sliding_window``, ``layer_type``, ...) and the layer's entry in every per-layer config
+list (``layer_types``, ``no_rope_layers``). We temporarily cut the block list to the first
+two blocks of every signature (the real modules, not copies; Gemma 3's 5-sliding-1-global
+pattern gives blocks 0, 1, 5 and 11), trace, check that the second block of each pair
+shows exactly the first one's structure (renamed), and replicate each pair's first block
+to every layer of its signature. Two blocks per signature, not one, so that couplings
+between blocks (the residual stream) are seen and checked. A signature held by one layer
+only is traced as that layer. Anything irregular falls back to tracing the whole model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Hashable
 from typing import Any
@@ -25,7 +28,7 @@ KEEP = 2
 
 
 class NotRepeating(Exception):
-    """Block 1 does not mirror block 0: trace the full model instead."""
+    """A sampled block does not mirror its twin: trace the full model instead."""
 
 
 # attributes that number a block rather than configure it
@@ -54,74 +57,130 @@ def _block_signature(block: nn.Module) -> tuple[Any, ...]:
     )
 
 
-def _per_layer_config_differs(model: nn.Module, n: int) -> bool:
-    """A config list with one entry per layer (``layer_types``, ``no_rope_layers``, ...) that varies."""
+def _per_layer_lists(model: nn.Module, n: int) -> dict[str, list[Any]]:
+    """Config lists with one entry per layer (``layer_types``, ``no_rope_layers``, ...)."""
     cfg = getattr(model, "config", None)
     if cfg is None:
-        return False
-    if getattr(cfg, "is_heterogeneous", False):
-        return True
-    for key, value in vars(cfg).items():
-        if key.endswith("token_id"):
-            continue
-        if isinstance(value, (list, tuple)) and len(value) == n and len({repr(v) for v in value}) > 1:
-            return True
-    return False
+        return {}
+    return {
+        key: list(value)
+        for key, value in vars(cfg).items()
+        if not key.endswith("token_id") and isinstance(value, (list, tuple)) and len(value) == n
+    }
 
 
-def repeated_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
-    """The largest ``nn.ModuleList`` of at least 3 identical blocks (structure and settings).
+@dataclasses.dataclass
+class BlockSample:
+    """Which blocks of a ``ModuleList`` to trace, and what each of the others copies.
 
-    Returns ``None`` (trace the whole model) when the blocks differ in any way the
-    signature sees, or when the config holds a per-layer list whose entries differ.
+    Attributes:
+        path: qualified name of the ``ModuleList``.
+        blocks: the full list.
+        traced: real indices of the blocks kept for tracing, ascending.
+        pairs: (first, second) positions in ``traced`` of every signature with two or more blocks.
+        template: real layer -> position in ``traced`` of the block it replicates.
     """
+
+    path: str
+    blocks: nn.ModuleList
+    traced: list[int]
+    pairs: list[tuple[int, int]]
+    template: dict[int, int]
+
+
+def sample_blocks(model: nn.Module) -> BlockSample | None:
+    """The largest ``nn.ModuleList`` worth tracing truncated, and which of its blocks to trace.
+
+    Returns ``None`` (trace the whole model) when no list of at least 3 blocks would be cut
+    to fewer blocks than it has, or the config is heterogeneous (per-layer widths).
+    """
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "is_heterogeneous", False):
+        return None
     best = None
     for path, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) <= KEEP or not path:
             continue
-        if _per_layer_config_differs(model, len(mod)):
+        lists = _per_layer_lists(model, len(mod))
+        members: dict[Any, list[int]] = {}
+        for i, block in enumerate(mod):
+            sig = (_block_signature(block), tuple(repr(v[i]) for v in lists.values()))
+            members.setdefault(sig, []).append(i)
+        traced = sorted(i for idx in members.values() for i in idx[:KEEP])
+        if len(traced) >= len(mod):
             continue
-        sig = _block_signature(mod[0])
-        if all(_block_signature(b) == sig for b in mod[1:]):
-            size = sum(p.numel() for p in mod.parameters())
-            if best is None or size > best[0]:
-                best = (size, path, mod)
-    return (best[1], best[2]) if best else None
+        pos = {i: p for p, i in enumerate(traced)}
+        pairs = [(pos[idx[0]], pos[idx[1]]) for idx in members.values() if len(idx) >= KEEP]
+        template = {i: pos[idx[0]] for idx in members.values() for i in idx}
+        size = sum(p.numel() for p in mod.parameters())
+        if best is None or size > best[0]:
+            best = (size, BlockSample(path, mod, traced, pairs, template))
+    return best[1] if best else None
+
+
+def repeated_blocks(model: nn.Module) -> BlockSample | None:
+    """Alias of :func:`sample_blocks` (the name the graph builder imports)."""
+    return sample_blocks(model)
 
 
 def trace_truncated(
-    model: nn.Module, wrapper: nn.Module, args: tuple[Any, ...], prefix: str, path: str, blocks: nn.ModuleList
+    model: nn.Module, wrapper: nn.Module, args: tuple[Any, ...], prefix: str, sample: BlockSample
 ):
-    """Trace with only the first two blocks and return the table expanded to all blocks."""
+    """Trace with only the sampled blocks and return the table expanded to all blocks."""
     from prunecli.graph.build import _table_from_trace
 
+    path, blocks = sample.path, sample.blocks
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
-    n = len(blocks)
+    n, k = len(blocks), len(sample.traced)
     cfg = getattr(model, "config", None)
     saved: dict[str, Any] = {}
     if cfg is not None:
         for key, value in list(vars(cfg).items()):
             if key == "num_hidden_layers" and value == n:
                 saved[key] = value
-            elif isinstance(value, list) and len(value) == n and key.endswith("layer_types"):
+            elif isinstance(value, (list, tuple)) and len(value) == n and not key.endswith("token_id"):
                 saved[key] = value
-    setattr(parent, attr, nn.ModuleList(list(blocks)[:KEEP]))
+    setattr(parent, attr, nn.ModuleList([blocks[i] for i in sample.traced]))
     try:
         for key, value in saved.items():
-            cfg.__dict__[key] = KEEP if key == "num_hidden_layers" else value[:KEEP]
+            cut = k if key == "num_hidden_layers" else type(value)(value[i] for i in sample.traced)
+            cfg.__dict__[key] = cut
         tr = trace_channels(wrapper, args, prefix)[0]
     finally:
         setattr(parent, attr, blocks)
         for key, value in saved.items():
             cfg.__dict__[key] = value
-    return expand_table(_table_from_trace(tr), path, n)
+    return expand_table(_table_from_trace(tr), path, n, sample.pairs, sample.template)
 
 
-def expand_table(table, path: str, n: int):
-    """Replicate block-0 atoms to blocks 0..n-1 after checking block 1 mirrors block 0."""
+def expand_table(
+    table,
+    path: str,
+    n: int,
+    pairs: list[tuple[int, int]] | None = None,
+    template: dict[int, int] | None = None,
+):
+    """Replicate the traced blocks' atoms to blocks 0..n-1.
+
+    Args:
+        table: the atom table of the truncated trace (blocks named by their position in it).
+        path: qualified name of the block list.
+        n: number of blocks in the full model.
+        pairs: (first, second) traced positions that must mirror each other (default: (0, 1)).
+        template: real layer -> traced position it copies (default: every layer copies 0).
+
+    Raises:
+        NotRepeating: a pair does not mirror, or a coupling cannot be replicated.
+    """
     from prunecli.graph.build import AtomTable
 
+    pairs = [(0, 1)] if pairs is None else pairs
+    template = dict.fromkeys(range(n), 0) if template is None else template
+    second = {q: p for p, q in pairs}  # second position of a pair -> its first
+    layers_of: dict[int, list[int]] = defaultdict(list)  # template position -> real layers
+    for j in range(n):
+        layers_of[template[j]].append(j)
     pre = path + "."
 
     def split(p: str) -> tuple[int | None, str]:
@@ -134,7 +193,11 @@ def expand_table(table, path: str, n: int):
     def rename(ents: list[tuple[str, int, int]], j: int) -> list[tuple[str, int, int]]:
         return [(f"{pre}{j}.{split(p)[1]}", d, i) for p, d, i in ents]
 
+    def tmpl(pos: int) -> int:
+        return second.get(pos, pos)
+
     kinds: dict[Hashable, str] = {}
+    local_pos: dict[Hashable, int] = {}
     parts: dict[Hashable, dict[int | None, list[tuple[str, int, int]]]] = {}
     for key, ents in table.entries.items():
         by_layer: dict[int | None, list[tuple[str, int, int]]] = defaultdict(list)
@@ -144,59 +207,64 @@ def expand_table(table, path: str, n: int):
         parts[key] = by_layer
         if not layers:
             kinds[key] = "global"
-        elif layers == {0} and None not in by_layer:
-            kinds[key] = "block0"
-        elif layers == {1} and None not in by_layer:
-            kinds[key] = "block1"
-        elif layers == {0, 1}:
-            if sorted(rename(by_layer[0], 1)) != sorted(by_layer[1]):
-                raise NotRepeating("a cross-block coupling differs between blocks 0 and 1")
-            kinds[key] = "cross"
+        elif len(layers) == 1 and None not in by_layer:
+            kinds[key] = "local"
+            local_pos[key] = next(iter(layers))
         else:
-            raise NotRepeating("a coupling ties one block to the outside only")
+            for p, q in pairs:
+                if (p in layers) != (q in layers):
+                    raise NotRepeating(f"a coupling reaches block {p if p in layers else q} but not its twin")
+                if p in layers and sorted(rename(by_layer[p], 1)) != sorted(rename(by_layer[q], 1)):
+                    raise NotRepeating("a cross-block coupling differs between twin blocks")
+            if {tmpl(p) for p in layers} != set(layers_of):
+                raise NotRepeating("a cross-block coupling does not reach every kind of block")
+            kinds[key] = "cross"
 
-    def sig(key: Hashable, layer: int) -> frozenset[tuple[str, int, int]]:
-        return frozenset((split(p)[1], d, i) for p, d, i in parts[key][layer])
+    def sig(key: Hashable) -> frozenset[tuple[str, int, int]]:
+        return frozenset((split(p)[1], d, i) for p, d, i in parts[key][local_pos[key]])
 
-    template = {sig(k, 0): k for k, v in kinds.items() if v == "block0"}
+    templates: dict[tuple[int, frozenset], Hashable] = {}
+    for k, v in kinds.items():
+        if v == "local" and local_pos[k] not in second:
+            templates[(local_pos[k], sig(k))] = k
     twin_of: dict[Hashable, Hashable] = {}
     for k, v in kinds.items():
-        if v == "block1":
-            s = sig(k, 1)
-            if s not in template:
-                raise NotRepeating("block 1 has a coupling that block 0 lacks")
-            twin_of[k] = template[s]
-    if len(twin_of) != len(template):
-        raise NotRepeating("block 0 has a coupling that block 1 lacks")
+        if v == "local" and local_pos[k] in second:
+            t = templates.get((second[local_pos[k]], sig(k)))
+            if t is None:
+                raise NotRepeating("a block has a coupling that its twin lacks")
+            twin_of[k] = t
+    sigs_at: dict[int, set[frozenset]] = defaultdict(set)
+    for k, v in kinds.items():
+        if v == "local":
+            sigs_at[local_pos[k]].add(sig(k))
+    for p, q in pairs:
+        if sigs_at[p] != sigs_at[q]:
+            raise NotRepeating(f"traced blocks {p} and {q} have different couplings")
 
-    def copies(key: Hashable) -> list[tuple[Hashable, int | None]]:
-        """(template key, block) pairs that the old key stands for."""
-        v = kinds[key]
-        if v == "block0":
-            return [(key, 0)]
-        if v == "block1":
-            return [(twin_of[key], 1)]
-        return [(key, None)]
+    def copies(key: Hashable) -> tuple[Hashable, int | None]:
+        """(template key, template position) the old key stands for (position None: not local)."""
+        if kinds[key] != "local":
+            return key, None
+        t = twin_of.get(key, key)
+        return t, local_pos[t]
 
-    def new_key(t: Hashable, j: int | None) -> Hashable:
-        return (t, j) if j is not None else t
+    def expand_keys(key: Hashable) -> list[Hashable]:
+        t, p = copies(key)
+        return [(t, j) for j in layers_of[p]] if p is not None else [t]
 
     entries: dict[Hashable, list[tuple[str, int, int]]] = {}
     for key, v in kinds.items():
-        if v == "block0":
-            for j in range(n):
+        if v == "local" and key not in twin_of:
+            for j in layers_of[local_pos[key]]:
                 entries[(key, j)] = rename(table.entries[key], j)
         elif v == "cross":
             ents = list(parts[key].get(None, []))
             for j in range(n):
-                ents += rename(parts[key][0], j)
+                ents += rename(parts[key][template[j]], j)
             entries[key] = ents
         elif v == "global":
             entries[key] = table.entries[key]
-
-    def expand_keys(key: Hashable) -> list[Hashable]:
-        t, j = copies(key)[0]
-        return [new_key(t, b) for b in range(n)] if j is not None else [t]
 
     locked: dict[Hashable, str] = {}
     for key, reason in table.locked.items():
@@ -206,53 +274,59 @@ def expand_table(table, path: str, n: int):
     kv = {k for key in table.kv for k in expand_keys(key)}
 
     parents: dict[Hashable, set[Hashable]] = defaultdict(set)
-    for p, children in table.parents.items():
-        (pt, pj) = copies(p)[0]
+    for par, children in table.parents.items():
+        pt, pp = copies(par)
         for c in children:
-            (ct, cj) = copies(c)[0]
-            if pj is not None and cj is not None:
-                if pj != cj:
+            ct, cp = copies(c)
+            if pp is not None and cp is not None:
+                if pp != cp:
                     raise NotRepeating("a parent link crosses blocks")
-                for j in range(n):
+                for j in layers_of[pp]:
                     parents[(pt, j)].add((ct, j))
-            elif pj is not None:
-                for j in range(n):
+            elif pp is not None:
+                for j in layers_of[pp]:
                     parents[(pt, j)].add(ct)
-            elif cj is not None:
-                for j in range(n):
+            elif cp is not None:
+                for j in layers_of[cp]:
                     parents[pt].add((ct, j))
             else:
                 parents[pt].add(ct)
 
-    attention = []
+    attention: list[tuple[int, dict[str, Any]]] = []  # (real layer, site), sorted below
     for site in table.attention:
         layer, tail = split(site["module"])
-        if layer == 1:
-            continue
         if layer is None:
-            attention.append(site)
+            attention.append((-1, site))
             continue
-        for j in range(n):
+        if layer in second:
+            continue
+        for j in layers_of[layer]:
             attention.append(
-                {
-                    "module": f"{pre}{j}.{tail}" if tail else f"{pre}{j}",
-                    "q": [new_key(copies(q)[0][0], j) for q in site["q"]],
-                    "k": [new_key(copies(k)[0][0], j) for k in site["k"]],
-                    "head_dim": site["head_dim"],
-                }
+                (
+                    j,
+                    {
+                        "module": f"{pre}{j}.{tail}" if tail else f"{pre}{j}",
+                        "q": [(copies(q)[0], j) for q in site["q"]],
+                        "k": [(copies(k)[0], j) for k in site["k"]],
+                        "head_dim": site["head_dim"],
+                    },
+                )
             )
+    attention.sort(key=lambda t: t[0])
     used = set()
     for p, d in table.used:
         layer, tail = split(p)
         if layer is None:
             used.add((p, d))
         else:
-            used.update((f"{pre}{j}.{tail}", d) for j in range(n))
+            used.update((f"{pre}{j}.{tail}", d) for j in layers_of[tmpl(layer)])
     shapes = {}
     for p, shape in table.shapes.items():
         layer, tail = split(p)
         if layer is None:
             shapes[p] = shape
         else:
-            shapes.update({f"{pre}{j}.{tail}": shape for j in range(n)})
-    return AtomTable(entries, locked, heads, kv, dict(parents), attention, used, shapes, table.unknown_ops)
+            shapes.update({f"{pre}{j}.{tail}": shape for j in layers_of[tmpl(layer)]})
+    return AtomTable(
+        entries, locked, heads, kv, dict(parents), [a for _, a in attention], used, shapes, table.unknown_ops
+    )

@@ -190,3 +190,19 @@ def test_cli_unwritable_output_exits_2_before_loading(tiny_llama_dir, tmp_path, 
     monkeypatch.setattr(save_mod, "_probe_write", denied)
     result = compress(tiny_llama_dir, "-m", "magnitude", "-s", "0.3", "-o", tmp_path / "out")
     one_error(result, "cannot write to", "Permission denied")
+
+
+def test_cli_reports_the_verify_check(tiny_llama_dir, tmp_path):
+    import json
+
+    args = ("compress", tiny_llama_dir, "-m", "magnitude", "-s", "0.3", "--json", "-o")
+    result = runner.invoke(app, [*map(str, args), str(tmp_path / "a")])
+    assert result.exit_code == 0, result.stderr
+    verify = json.loads(result.stdout)["verify"]
+    assert verify["check"] == "logits" and verify["max_abs_diff"] == 0.0 and verify["route"] == "stock"
+    assert json.loads((tmp_path / "a" / "prunecli.json").read_text())["verify"] == verify
+    result = runner.invoke(app, [*map(str, args), str(tmp_path / "b"), "--no-verify"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["verify"]["check"] == "none"
+    result = runner.invoke(app, [*map(str, args[:-2]), "-o", str(tmp_path / "c")])
+    assert result.exit_code == 0 and "verified: reloaded (stock) logits match" in result.stdout

@@ -152,3 +152,23 @@ def test_wrong_shape_in_config_is_caught_by_the_shape_check(tmp_path, monkeypatc
     with pytest.raises(VerifyError, match="does not load"):
         save_mod.save_checkpoint(model, None, tmp_path / "bad", provenance={}, verify_max_bytes=1000)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("structure", ["AL-AM", "UL-UM"])
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "phi3", "gemma3_text", "qwen3", "llama"])
+def test_flap_compensation_survives_reload(arch, structure, tmp_path):
+    """FLAP at 0.3 with bias compensation: the reloaded model has the compensation biases."""
+    from prunecli.api import prune
+    from prunecli.checkpoint import save_checkpoint
+    from prunecli.methods.flap.config import FlapConfig
+    from prunecli.models import load_model
+
+    model = tiny_model(arch)
+    calib = torch.randint(1, 128, (8, 16), generator=torch.Generator().manual_seed(2))
+    result = prune(model, FlapConfig(sparsity=0.3, structure=structure), calib=calib)
+    assert result.plan.bias_updates
+    x = example_input(arch)
+    expected = model_output(model, x)
+    out = save_checkpoint(model, None, tmp_path / arch, provenance={})
+    for reloaded in (reload_as_claimed(out), load_model(out).model):
+        torch.testing.assert_close(model_output(reloaded, x), expected, atol=1e-5, rtol=0)

@@ -45,6 +45,16 @@ class CheckpointError(InputError):
     """A checkpoint that is corrupt, incomplete or inconsistent with its config."""
 
 
+class VerifyError(CheckpointError):
+    """A checkpoint that, reloaded the way its config says, is not the model that was saved."""
+
+    exit_code = 1
+
+
+class OutputNotWritableError(InputError):
+    """The output folder (or the folder it would be created in) cannot be written."""
+
+
 class DataError(InputError):
     """Calibration or evaluation data that cannot be read or is too short."""
 

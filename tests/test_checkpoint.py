@@ -326,8 +326,7 @@ def test_existing_dir_refused_and_untouched(tmp_path):
 def test_overwrite_replaces(tmp_path):
     from prunecli.checkpoint import save_checkpoint
 
-    out = tmp_path / "replace"
-    out.mkdir()
+    out = save_checkpoint(build("llama"), None, tmp_path / "replace", provenance={"run": 1})
     (out / "stale.txt").write_text("old")
     save_checkpoint(build("llama"), None, out, provenance={"run": 2}, overwrite=True)
     assert not (out / "stale.txt").exists()
@@ -350,9 +349,10 @@ def test_failure_mid_save_leaves_nothing(tmp_path, monkeypatch):
         save_mod.save_checkpoint(build("llama"), None, tmp_path / "new", provenance={})
     assert list(tmp_path.iterdir()) == []
 
-    old = tmp_path / "old"
-    old.mkdir()
+    monkeypatch.undo()
+    old = save_mod.save_checkpoint(build("llama"), None, tmp_path / "old", provenance={})
     (old / "keep.txt").write_text("mine")
+    monkeypatch.setattr(save_mod, "_fix_config_json", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         save_mod.save_checkpoint(build("llama"), None, old, provenance={}, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["old"]

@@ -8,7 +8,14 @@ the stock model first (reading the global values) and then replaces each layer t
 overrides (and, so that no layer keeps the global config, every other layer) with
 ``LayerClass(config.per_layer_config[i], i)`` before any weight is loaded.
 
-The file is copied verbatim into heterogeneous checkpoints and named in ``config.json``'s
+Families whose config cannot describe the pruned model at all (BERT, GPT-2, OPT and ViT
+derive the head size from ``hidden_size / num_heads``; Mistral, Qwen2 or Gemma have no flag for
+MLP biases) get a second record, ``config.prunecli_modules``: for each module whose shapes or
+numeric attributes differ from what the stock class builds, ``{"params": {name: shape or
+null}, "attrs": {name: number}}``. :func:`apply_module_overrides` resizes those modules
+(``nn.Linear`` widths, head counts, head sizes, extra biases) before any weight is loaded.
+
+The file is copied verbatim into such checkpoints and named in ``config.json``'s
 ``auto_map``, e.g. ``"AutoModelForCausalLM": "modeling_prunecli.PruneCliLlamaForCausalLM"``,
 so that ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` works
 without prunecli installed. It imports only torch and transformers, and it is generic:
@@ -186,20 +193,86 @@ def heterogeneous_class(base: type | str) -> type:
         rebuild_heterogeneous_layers_once(self)
         base_cls.post_init(self)
 
-    cls = type(name, (base_cls,), {"__init__": __init__, "post_init": post_init, "__module__": __name__})
+    def is_custom_code(cls) -> bool:
+        # The stock class plus a build step: transformers must apply the stock class's weight
+        # name conversions (ViT's legacy "encoder.layer.0.attention.attention.query" names),
+        # which it skips for custom code.
+        return False
+
+    namespace = {
+        "__init__": __init__,
+        "post_init": post_init,
+        "is_custom_code": classmethod(is_custom_code),
+        "__module__": __name__,
+    }
+    cls = type(name, (base_cls,), namespace)
     cls.__qualname__ = name
+    _share_weight_conversions(base_cls.__name__, name)
     _CLASSES[name] = cls
     return cls
 
 
+def _share_weight_conversions(base_name: str, name: str) -> None:
+    """Give ``name`` the weight-name conversions transformers registered for the class ``base_name``."""
+    try:
+        from transformers import conversion_mapping
+    except ImportError:  # older transformers: no conversions
+        return
+    mapping = conversion_mapping.get_checkpoint_conversion_mapping(base_name)
+    if mapping is not None:
+        conversion_mapping.register_checkpoint_conversion_mapping(name, mapping, overwrite=True)
+
+
 def rebuild_heterogeneous_layers_once(model: torch.nn.Module) -> None:
-    """Rebuild the overridden layers of ``model`` the first time it is called on it."""
+    """Rebuild the overridden layers and apply the module overrides, once per model."""
     if getattr(model, "_prunecli_layers_rebuilt", False):
         return
     config = model.config
     with GlobalAccess(config):
         rebuild_heterogeneous_layers(model, config)
+    apply_module_overrides(model, module_overrides(config))
     model._prunecli_layers_rebuilt = True
+
+
+def module_overrides(config: Any) -> dict[str, dict[str, Any]]:
+    """``config.prunecli_modules``: ``{module path: {"params": {...}, "attrs": {...}}}`` (or empty)."""
+    raw = getattr(config, "prunecli_modules", None)
+    return {str(k): dict(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+
+
+def apply_module_overrides(model: torch.nn.Module, overrides: dict[str, dict[str, Any]]) -> int:
+    """Resize modules to the saved widths before the weights load.
+
+    For each module path: numeric attributes are set (``in_features``, ``num_heads``,
+    ``attention_head_size``, ``scaling``, ...), and each listed parameter is replaced by an
+    zero one of the saved shape (``null`` removes it, e.g. a bias the model lacks).
+    The weights loaded afterwards fill every replaced parameter.
+
+    Args:
+        model: a model built from the stock class (not yet loaded).
+        overrides: :func:`module_overrides` of its config.
+
+    Returns:
+        The number of modules changed.
+    """
+    for path, change in overrides.items():
+        module = model.get_submodule(path)
+        for attr, value in (change.get("attrs") or {}).items():
+            setattr(module, attr, value)
+        for name, shape in (change.get("params") or {}).items():
+            old = getattr(module, name, None)
+            ref = old if isinstance(old, torch.Tensor) else next(model.parameters())
+            if shape is None:
+                if name in module._parameters:
+                    module._parameters[name] = None
+                continue
+            new = torch.zeros(tuple(shape), dtype=ref.dtype, device=ref.device)
+            if name in module._buffers:
+                module._buffers[name] = new
+            else:
+                requires_grad = old.requires_grad if isinstance(old, torch.nn.Parameter) else True
+                setattr(module, name, torch.nn.Parameter(new, requires_grad=requires_grad))
+    return len(overrides)
 
 
 def __getattr__(name: str) -> type:

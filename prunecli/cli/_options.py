@@ -78,6 +78,14 @@ QuietOpt = Annotated[
         rich_help_panel=OUTPUT_PANEL,
     ),
 ]
+NoVerifyOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-verify",
+        help="Do not reload the saved checkpoint to check that it is the pruned model (faster).",
+        rich_help_panel=OUTPUT_PANEL,
+    ),
+]
 TextFieldOpt = Annotated[
     str,
     typer.Option(

@@ -25,6 +25,7 @@ from prunecli.cli._options import (
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    NoVerifyOpt,
     QuietOpt,
     TextFieldOpt,
     TrustRemoteCodeOpt,
@@ -32,7 +33,7 @@ from prunecli.cli._options import (
 )
 from prunecli.cli._recipe import coerce_options, load_recipe, parse_set
 from prunecli.cli.output import Output, library_bars_off
-from prunecli.errors import InputError, OutputExistsError
+from prunecli.errors import InputError
 
 METHOD_PANEL = "Method"
 DEFAULT_CALIB = {"nsamples": 128, "seqlen": 128}
@@ -65,11 +66,12 @@ class CompressOptions:
     device: str = "cpu"
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    verify: bool = True
 
     def to_recipe(self) -> dict[str, Any]:
         """The options as a recipe mapping (``--recipe`` re-runs it; security flags left out)."""
         d = dataclasses.asdict(self)
-        for key in ("overwrite", "allow_pickle", "trust_remote_code"):
+        for key in ("overwrite", "allow_pickle", "trust_remote_code", "verify"):
             d.pop(key)
         return {k: v for k, v in d.items() if v is not None and v != [] and v != {}}
 
@@ -153,8 +155,14 @@ def compress(
         ),
     ] = None,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace --output if it exists.", rich_help_panel=OUTPUT_PANEL)
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace --output if it is an existing prunecli checkpoint (anything else is refused).",
+            rich_help_panel=OUTPUT_PANEL,
+        ),
     ] = False,
+    no_verify: NoVerifyOpt = False,
     calib: Annotated[
         str | None,
         typer.Option(
@@ -290,8 +298,9 @@ def compress(
         "device": device,
         "allow_pickle": allow_pickle,
         "trust_remote_code": trust_remote_code,
+        "verify": not no_verify,
     }
-    param_names = {"set": "set_"}
+    param_names = {"set": "set_", "verify": "no_verify"}
     on_command_line = {
         key
         for key in given
@@ -347,7 +356,7 @@ def resolve_options(
 
     from prunecli.models import classify_spec, resolve_dtype
 
-    classify_spec(str(merged["model"]), allow_pickle=bool(merged["allow_pickle"]))
+    kind, target = classify_spec(str(merged["model"]), allow_pickle=bool(merged["allow_pickle"]))
     resolve_dtype(merged["dtype"])
     merged["method"] = canonical_method(str(merged["method"]))
     config_cls, _ = get_method(merged["method"])
@@ -376,13 +385,11 @@ def resolve_options(
     opts = CompressOptions(**merged)
 
     if opts.output is not None:
-        out = Path(opts.output)
-        if out.exists() and not opts.overwrite:
-            raise OutputExistsError(f"output folder already exists: {out}")
-        if out.exists() and not out.is_dir():
-            raise OutputExistsError(
-                f"output path exists and is not a folder: {out}", hint="choose another --output"
-            )
+        from prunecli.checkpoint.save import check_output_dir
+
+        # Before the model is loaded: --overwrite replaces only a prunecli checkpoint, never the
+        # input model, the current directory or its ancestors; the folder must be writable.
+        check_output_dir(opts.output, overwrite=opts.overwrite, inputs=(target,) if kind != "hub" else ())
     for flag, source in (
         ("--calib", opts.calib),
         ("--eval-data", opts.eval_data),
@@ -522,6 +529,7 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
             "seconds": seconds,
             "prune_steps_seconds": dict(getattr(result, "seconds", {}) or {}),
             "output": None,
+            "verify": None,
             "plan": _plan_section(plan),
             "summary": summary,
             "recovery": recovery,
@@ -554,14 +562,41 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
                 Path(opts.output),
                 provenance=provenance,
                 overwrite=opts.overwrite,
+                verify=opts.verify,
                 progress=progress,
             )
             seconds["save"] = time.perf_counter() - t
             report["output"] = str(path)
+            report["verify"] = read_verify(path)
     seconds["total"] = time.perf_counter() - started
 
     out.result(report, lambda console: render_report(console, report), quiet_line=report["output"])
     return report
+
+
+def read_verify(path: Path) -> dict[str, Any] | None:
+    """The ``verify`` record that ``save_checkpoint`` wrote into the checkpoint's ``prunecli.json``."""
+    from prunecli.checkpoint import PROVENANCE_FILE
+    from prunecli.models.files import read_json
+
+    value = read_json(Path(path) / PROVENANCE_FILE).get("verify")
+    return value if isinstance(value, dict) else None
+
+
+def verify_line(verify: dict[str, Any] | None) -> str | None:
+    """One line saying which check the saved checkpoint passed."""
+    if not verify:
+        return None
+    check = verify.get("check")
+    if check in ("logits", "hidden_state"):
+        what = "logits" if check == "logits" else "last hidden state"
+        return (
+            f"verified: reloaded ({verify.get('route')}) {what} match, "
+            f"max abs diff {verify.get('max_abs_diff'):.2g}"
+        )
+    if check == "shapes":
+        return f"verified: tensor shapes only; logit check skipped ({verify.get('reason')})"
+    return f"not verified ({verify.get('reason', 'turned off')})"
 
 
 def _params_section(before: int, after: int, summary: dict[str, Any]) -> dict[str, Any]:
@@ -686,3 +721,6 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
     )
     if report["output"]:
         console.print(f"saved to {report['output']}", markup=False, highlight=False, soft_wrap=True)
+        line = verify_line(report.get("verify"))
+        if line:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)

@@ -623,7 +623,10 @@ def _apply_bias_updates(model: nn.Module, graph: DependencyGraph, updates: dict[
 
     For configs with a per-kind bias flag (Llama's ``attention_bias`` / ``mlp_bias``) the
     flag is switched on and every sibling projection of that kind gets a zero bias, so the
-    checkpoint loads in stock transformers.
+    checkpoint loads in stock transformers. Configs without such a flag (Mistral, Qwen2,
+    Phi-3; Gemma and Qwen3 for the MLP) keep the new biases on the named modules only;
+    :func:`prunecli.checkpoint.save_checkpoint` records them in ``prunecli_modules`` and the
+    checkpoint's modeling file adds them before the weights load.
     """
     if not updates:
         return

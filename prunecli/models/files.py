@@ -172,3 +172,23 @@ def sibling_temp_dir(target: Path) -> Path:
             continue
         return path
     raise FileExistsError(f"cannot create a temporary folder next to {target}")
+
+
+def apply_umask(folder: Path) -> None:
+    """Give ``folder`` and every file and folder in it the permissions the umask allows.
+
+    Some writers (safetensors) create files with mode 0600; a checkpoint or cache entry
+    should be readable like any other file the user creates.
+
+    Args:
+        folder: a folder written by prunecli.
+    """
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        base = 0o777 if path.is_dir() else 0o666
+        path.chmod(base & ~umask)

@@ -19,7 +19,13 @@ import time
 from pathlib import Path
 
 from prunecli.errors import CheckpointError, DependencyMissingError, UnsupportedModelError
-from prunecli.models.files import check_safetensors_file, read_json, sibling_temp_dir, weight_files
+from prunecli.models.files import (
+    apply_umask,
+    check_safetensors_file,
+    read_json,
+    sibling_temp_dir,
+    weight_files,
+)
 from prunecli.progress import Progress, resolve
 
 CACHE_ENV = "PRUNECLI_CACHE"
@@ -141,6 +147,7 @@ def ensure_gguf_cache(gguf: Path, *, rebuild: bool = False, progress: Progress |
         with resolve(progress).task(f"converting {gguf.name} to fp32 safetensors (once)", total=1) as task:
             _convert(gguf, tmp)
             _write_marker(gguf, tmp)
+            apply_umask(tmp)  # safetensors writes 0600 files
             task.advance()
         try:
             os.rename(tmp, dest)

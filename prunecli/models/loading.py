@@ -370,11 +370,12 @@ def _model_class(config: Any, *, trust_remote_code: bool) -> Any:
 
     from prunecli.checkpoint.modeling_prunecli import (
         heterogeneous_class,
+        module_overrides,
         per_layer_overrides,
         stock_class_name,
     )
 
-    if per_layer_overrides(config):
+    if per_layer_overrides(config) or module_overrides(config):
         try:
             return heterogeneous_class(stock_class_name(config))
         except (ValueError, AttributeError) as exc:

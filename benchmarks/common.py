@@ -30,11 +30,15 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def load_default():
-    """SmolLM2-135M from its registry package (fp32 safetensors cache after the first load)."""
+def load_default(args: dict[str, Any] | None = None):
+    """The benchmark's model (``args["model"]``, default SmolLM2-135M) from its registry package.
+
+    Both built-in decoders (``smollm2-135m``, ``gemma3-270m``) load from an fp32 safetensors
+    cache after the first load.
+    """
     from prunecli.models import load_model
 
-    return load_model("smollm2-135m")
+    return load_model((args or {}).get("model", "smollm2-135m"))
 
 
 def windows(tokenizer, args: dict[str, Any]) -> dict[str, torch.Tensor]:

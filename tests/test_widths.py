@@ -36,6 +36,30 @@ def test_unknown_model_type_is_refused_before_slicing() -> None:
     assert model.model.layers[0].mlp.down_proj.weight.shape == (64, 96)  # nothing sliced
 
 
+def test_unknown_model_type_is_refused_before_calibration(monkeypatch) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from prunecli.api import prune
+    from prunecli.methods.flap import FlapConfig
+    from prunecli.methods.flap import method as flap_method
+
+    cfg = AutoConfig.for_model(
+        "granite", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=96, vocab_size=128,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibration ran before the architecture check")
+
+    monkeypatch.setattr(flap_method, "collect_stats", no_calibration)
+    with pytest.raises(UnsupportedModelError, match="'granite'"):
+        prune(model, FlapConfig(sparsity=0.2), torch.randint(0, 128, (2, 8)))
+    # the same model with attention and MLP both ignored has nothing to check and nothing to prune
+    with pytest.raises(UnsupportedModelError, match="no prunable"):
+        prune(model, FlapConfig(sparsity=0.2, ignore=("*",)), torch.randint(0, 128, (2, 8)))
+
+
 def test_table_that_does_not_fit_the_module_is_refused() -> None:
     model = tiny_model("llama")
     graph = build_graph(model)

@@ -181,13 +181,24 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def block_modules(graph: DependencyGraph) -> list[str]:
-    """Modules holding weights of prunable groups inside layers (attention + MLP)."""
+def block_modules(graph: DependencyGraph, include_locked: bool = False) -> list[str]:
+    """Modules holding weights of prunable groups inside layers (attention + MLP).
+
+    Args:
+        graph: the dependency graph.
+        include_locked: count head, key/value-head and channel groups that are locked too
+            (what ``sparsity`` is a fraction of: every attention and MLP block).
+    """
     mods: set[str] = set()
     for g in graph.groups.values():
         if g.layer is None or g.kind == "residual":
             continue
-        if not (g.prunable or g.kind == "kv_heads"):
+        wanted = (
+            g.kind in ("heads", "kv_heads", "channels")
+            if include_locked
+            else g.prunable or g.kind == "kv_heads"
+        )
+        if not wanted:
             continue
         for m in g.members:
             if m.role in ("producer", "consumer"):
@@ -195,11 +206,17 @@ def block_modules(graph: DependencyGraph) -> list[str]:
     return sorted(mods)
 
 
-def block_params(model: nn.Module, graph: DependencyGraph) -> int:
-    """Parameters of the prunable blocks (FLAP's definition of what sparsity refers to)."""
+def block_params(model: nn.Module, graph: DependencyGraph, include_locked: bool = False) -> int:
+    """Parameters of the prunable blocks (FLAP's definition of what sparsity refers to).
+
+    Args:
+        model: the model the graph was built from.
+        graph: its dependency graph.
+        include_locked: also count attention and MLP blocks whose groups are locked.
+    """
     named = dict(model.named_modules())
     seen: dict[int, int] = {}
-    for name in block_modules(graph):
+    for name in block_modules(graph, include_locked):
         mod = named.get(name)
         if mod is None:
             continue

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from prunecli.engine.apply import block_params
 from prunecli.engine.select import HeadLayout
 from prunecli.graph import DependencyGraph, Group
-
-BLOCK_KINDS = ("heads", "kv_heads", "channels")
 
 
 def all_block_params(model: nn.Module, graph: DependencyGraph) -> int:
@@ -26,20 +25,7 @@ def all_block_params(model: nn.Module, graph: DependencyGraph) -> int:
         model: the model the graph was built from.
         graph: its dependency graph.
     """
-    modules: set[str] = set()
-    for g in graph.groups.values():
-        if g.layer is None or g.kind not in BLOCK_KINDS:
-            continue
-        modules.update(m.module for m in g.members if m.role in ("producer", "consumer"))
-    named = dict(model.named_modules())
-    seen: dict[int, int] = {}
-    for name in modules:
-        mod = named.get(name)
-        if mod is None:
-            continue
-        for p in mod.parameters(recurse=False):
-            seen[id(p)] = p.numel()
-    return sum(seen.values())
+    return block_params(model, graph, include_locked=True)
 
 
 def group_cost(graph: DependencyGraph, group: Group) -> int:

@@ -115,31 +115,37 @@ def _package_folder(module: str) -> Path | None:
     return None
 
 
-def alias_file(name: str) -> Path | None:
+def alias_file(name: str, *, assemble: bool = True) -> Path | None:
     """The model file of alias ``name``, or None when its package is not installed.
 
     Args:
         name: an alias name.
+        assemble: join a chunked file (Gemma-3-270M) if that was not done yet; with False,
+            a chunked file not yet joined gives None.
     """
     alias = get_alias(name)
     folder = _package_folder(alias.module)
     if folder is None:
         return None
     if alias.assembled_from:
-        return _assembled_file(alias)
+        return _assembled_file(alias, assemble=assemble)
     path = folder / alias.filename
     return path if path.exists() else None
 
 
-def _assembled_file(alias: Alias) -> Path | None:
+def _installed(alias: Alias) -> bool:
+    return all(_package_folder(p.replace("-", "_")) is not None for p in alias.packages)
+
+
+def _assembled_file(alias: Alias, *, assemble: bool = True) -> Path | None:
     """Join the chunk packages of ``alias`` once into ``$PRUNECLI_CACHE/assembled/``."""
     from prunecli.models.gguf import cache_root
 
-    if any(_package_folder(p.replace("-", "_")) is None for p in alias.assembled_from):
+    if not _installed(alias):
         return None
     target = cache_root() / "assembled" / alias.filename
-    if target.is_file():
-        return target
+    if target.is_file() or not assemble:
+        return target if target.is_file() else None
     try:
         package = importlib.import_module(alias.module)
         tmp = target.with_name(f".{target.name}.partial")
@@ -213,14 +219,14 @@ def list_aliases() -> list[dict[str, Any]]:
 
     rows = []
     for alias in ALIASES.values():
-        path = alias_file(alias.name)
+        path = alias_file(alias.name, assemble=False)  # listing never writes a 200 MB file
         cached = path is not None and (path.is_dir() or is_valid_cache(cache_dir_for(path), path))
         rows.append(
             {
                 "name": alias.name,
                 "package": alias.package,
                 "description": alias.description,
-                "installed": path is not None,
+                "installed": path is not None or (bool(alias.assembled_from) and _installed(alias)),
                 "cached": cached,
             }
         )

@@ -88,7 +88,7 @@ def sparsity_warning(
     if total <= 0 or abs(achieved - target) <= step / total + 1e-9:
         return None
     msg = f"{method + ' ' if method else ''}removed {achieved:.4f} of the attention + MLP parameters, asked {target:g}"
-    if prunable < total:
+    if prunable < 0.99 * total:  # output biases and norms inside blocks are never a unit's
         msg += (
             f"; only {prunable / total:.1%} of them are in groups it may prune (the others are locked "
             "or excluded by --ignore)"

@@ -3,6 +3,8 @@ a unit whose weights are all zero is the first to go."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import build_tiny_llama
@@ -171,3 +173,37 @@ def test_zeroed_channel_is_removed_first(method: str) -> None:
     assert removed, "nothing removed"
     assert all(name.endswith("mlp:channels") for name in removed), removed
     assert all(units == [DEAD] for units in removed.values()), removed
+
+
+def test_wanda_sp_pruned_propagation_measures_each_layer_on_the_pruned_model() -> None:
+    """The reference's propagation: layer 1 is scored on inputs of the model with layer 0 pruned."""
+    import copy
+
+    from conftest import build_tiny_llama
+
+    from prunecli.engine.apply import zero_units
+    from prunecli.graph import build_graph
+    from prunecli.methods._calib import input_sq_norms
+    from prunecli.methods.wanda_sp import WandaSpConfig, prune_wanda_sp, wanda_sp_scores
+
+    model = build_tiny_llama()
+    before = copy.deepcopy(model.state_dict())
+    graph = build_graph(model)
+    calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    cfg = WandaSpConfig(sparsity=0.3, propagation="pruned", ignore=("*self_attn*",))
+    plan = prune_wanda_sp(model, graph, cfg, calib)
+    # the model is left as it came
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    dense = prune_wanda_sp(model, graph, dataclasses.replace(cfg, propagation="dense"), calib)
+    mlp0, mlp1 = "model.layers.0.mlp:channels", "model.layers.1.mlp:channels"
+    assert plan.removals[mlp0] == dense.removals[mlp0]  # layer 0 sees the same inputs either way
+    # layer 1 by hand: zero layer 0's choice, measure, score, take the lowest
+    pruned = copy.deepcopy(model)
+    zero_units(pruned, graph, {mlp0: plan.removals[mlp0]})
+    down = "model.layers.1.mlp.down_proj"
+    norms = input_sq_norms(pruned, [down], calib)
+    member = next(m for m in graph[mlp1].consumers() if m.module == down)
+    scores = wanda_sp_scores(pruned.get_submodule(down).weight, norms[down], member.index)
+    expected = sorted(torch.argsort(scores, stable=True)[: len(plan.removals[mlp1])].tolist())
+    assert plan.removals[mlp1] == expected
+    assert plan.removals[mlp1] != dense.removals[mlp1]  # and it differs from the dense pass here

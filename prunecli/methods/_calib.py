@@ -10,6 +10,10 @@ from torch import Tensor, nn
 from prunecli.progress import Progress, resolve
 
 
+class _StopForward(Exception):
+    """Raised after the last observed block to skip the rest of the model."""
+
+
 @torch.no_grad()
 def input_sq_norms(
     model: nn.Module,
@@ -17,6 +21,7 @@ def input_sq_norms(
     calib: Tensor,
     *,
     batch_size: int = 8,
+    stop_after: nn.Module | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Tensor]:
     """Sum over all calibration tokens of ``x_j**2`` for each input channel ``j`` of each module.
@@ -26,6 +31,8 @@ def input_sq_norms(
         modules: qualified names of linear modules whose inputs are observed.
         calib: token windows ``[n, seqlen]``.
         batch_size: windows per forward pass.
+        stop_after: a module after which the forward pass is cut short (the last block holding
+            an observed module), so later layers and the head are never computed.
 
     Returns:
         module name -> float64 tensor ``[in_features]`` of summed squares.
@@ -42,15 +49,23 @@ def input_sq_norms(
 
         return fn
 
+    def stop(_mod: nn.Module, _args: object, _out: object) -> None:
+        raise _StopForward
+
     for name in modules:
         handles.append(named[name].register_forward_pre_hook(hook(name)))
+    if stop_after is not None:
+        handles.append(stop_after.register_forward_hook(stop))
     was_training = model.training
     model.eval()
     try:
         with resolve(progress).task("calibration", total=calib.shape[0]) as task:
             for start in range(0, calib.shape[0], batch_size):
                 batch = calib[start : start + batch_size].to(_device(model))
-                model(input_ids=batch, use_cache=False)
+                try:
+                    model(input_ids=batch, use_cache=False)
+                except _StopForward:
+                    pass
                 task.advance(batch.shape[0])
     finally:
         for h in handles:

@@ -15,23 +15,28 @@ Calibration default: 128 windows of 2048 tokens, Wanda's setting (128 C4 sequenc
 tokens). The FLAP code runs this baseline through its own loader arguments; that setting
 could not be checked from this machine.
 
-Departure from the reference code (FLAP's ``prune_wanda_sp``): the reference calibrates
+Propagation (``propagation``): the reference code (FLAP's ``prune_wanda_sp``) calibrates
 layer by layer, feeding each layer the outputs of the already pruned layers before it, so
-``||X_j||`` is measured on the pruned model. prunecli measures every layer in one pass over the
-dense model (all norms from the unpruned activations). A shared layer-sequential calibration
-runner is planned; until then the dense pass is the only mode.
+``||X_j||`` of layer ``l`` is measured on the model pruned up to ``l - 1``: that is
+``propagation="pruned"``. It is offered, not the default: here it costs about ``L / 2`` forward
+passes over the calibration windows for ``L`` layers (each layer is measured after the units
+chosen before it are zeroed, which is exactly what removing them does, and the pass stops
+after that layer), against one pass for ``propagation="dense"`` (the default: every norm from
+the unpruned activations). The shared layer-sequential calibration runner will make the
+reference behaviour as cheap as one pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import Tensor, nn
 
 from prunecli.config import DataMethodConfig, register_method
 from prunecli.engine import Plan, select_uniform
 from prunecli.engine.select import selectable_groups
-from prunecli.errors import UnsupportedModelError
+from prunecli.errors import InputError, UnsupportedModelError
 from prunecli.graph import DependencyGraph, Group
 from prunecli.methods._calib import input_sq_norms
 from prunecli.methods.magnitude import unit_sums
@@ -43,6 +48,8 @@ class WandaSpConfig(DataMethodConfig):
 
     Args:
         batch_size: windows per calibration forward pass.
+        propagation: ``dense`` (one pass over the unpruned model, the default) or ``pruned``
+            (the reference: layer ``l`` is measured on the model pruned up to layer ``l - 1``).
         nsamples: calibration windows for the CLI (128, Wanda's setting).
         seqlen: tokens per calibration window (2048, Wanda's setting).
     """
@@ -52,6 +59,14 @@ class WandaSpConfig(DataMethodConfig):
     nsamples: int = 128
     seqlen: int = 2048
     batch_size: int = 8
+    propagation: str = "dense"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.propagation not in ("dense", "pruned"):
+            raise InputError(
+                f"unknown wanda-sp propagation {self.propagation!r}", hint="choose dense or pruned"
+            )
 
 
 def wanda_sp_scores(weight: Tensor, sq_norm: Tensor, columns: list[list[int]]) -> Tensor:
@@ -82,12 +97,27 @@ def prune_wanda_sp(
     progress=None,
 ) -> Plan:
     groups = selectable_groups(graph, config.ignore)
+    if config.propagation == "pruned":
+        return _prune_layer_by_layer(model, graph, config, groups, calib, progress)
+    scores = _scores(model, groups, calib, config, progress=progress)
+    return select_uniform(graph, scores, config.sparsity, round_to=config.round_to, ignore=config.ignore)
+
+
+def _scores(
+    model: nn.Module,
+    groups: list[Group],
+    calib: Tensor,
+    config: WandaSpConfig,
+    stop_after=None,
+    progress=None,
+) -> dict[str, Tensor]:
     consumers = {g.name: _consumer(g) for g in groups}
     norms = input_sq_norms(
         model,
         sorted({c.module for c in consumers.values()}),
         calib,
         batch_size=config.batch_size,
+        stop_after=stop_after,
         progress=progress,
     )
     params = dict(model.named_parameters(remove_duplicate=False))
@@ -95,4 +125,48 @@ def prune_wanda_sp(
     for g in groups:
         c = consumers[g.name]
         scores[g.name] = wanda_sp_scores(params[c.param], norms[c.module], c.index)
-    return select_uniform(graph, scores, config.sparsity, round_to=config.round_to, ignore=config.ignore)
+    return scores
+
+
+def _prune_layer_by_layer(
+    model: nn.Module,
+    graph: DependencyGraph,
+    config: WandaSpConfig,
+    groups: list[Group],
+    calib: Tensor,
+    progress,
+) -> Plan:
+    """The reference's propagation: score layer ``l`` on the model with layers ``< l`` pruned.
+
+    Units chosen for earlier layers are zeroed in place while later layers are measured
+    (zeroing a unit's weights and removing it give the same outputs), and every weight is
+    restored before returning, so the model is left as it came.
+    """
+    from prunecli.engine.apply import zero_units
+    from prunecli.methods.flap.method import _stop_module
+
+    layers = sorted({g.layer for g in groups}, key=lambda x: (x is None, x if x is not None else 0))
+    touched = {m.param for g in graph.groups.values() for m in g.members}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    saved = {n: params[n].detach().clone() for n in touched if n in params}
+    removals: dict[str, list[int]] = {}
+    try:
+        for layer in layers:
+            here = [g for g in groups if g.layer == layer]
+            modules = {_consumer(g).module for g in here}
+            stop = _stop_module(model, modules) if layer is not None else None
+            scores = _scores(model, here, calib, config, stop_after=stop, progress=progress)
+            chosen = select_uniform(
+                graph, scores, config.sparsity, round_to=config.round_to, ignore=config.ignore
+            )
+            removals.update(chosen.removals)
+            zero_units(model, graph, chosen.removals)
+    finally:
+        with torch.no_grad():
+            for n, value in saved.items():
+                params[n].copy_(value)
+    return Plan(
+        removals,
+        fingerprint=graph.fingerprint,
+        meta={"selection": "uniform", "sparsity": config.sparsity, "propagation": "pruned"},
+    )

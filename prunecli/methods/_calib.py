@@ -10,8 +10,29 @@ from torch import Tensor, nn
 from prunecli.progress import Progress, resolve
 
 
-class _StopForward(Exception):
-    """Raised after the last observed block to skip the rest of the model."""
+class StopForward(Exception):
+    """Raised by a hook after the last observed block, to skip the rest of the model."""
+
+
+def stop_module(model: nn.Module, modules: set[str]) -> nn.Module | None:
+    """The entry of the repeated-block ModuleList after which no observed module runs.
+
+    The decoder layers are found as the ModuleList whose entries hold every observed
+    module, so no attribute name (``model.layers``, ``encoder.layer``) is assumed.
+    """
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or not len(mod):
+            continue
+        where = []
+        for m in modules:
+            rest = m[len(name) + 1 :] if name and m.startswith(name + ".") else (m if not name else "")
+            head = rest.split(".", 1)[0]
+            if not head.isdigit() or int(head) >= len(mod):
+                break
+            where.append(int(head))
+        else:
+            return mod[max(where)]
+    return None
 
 
 @torch.no_grad()
@@ -50,7 +71,7 @@ def input_sq_norms(
         return fn
 
     def stop(_mod: nn.Module, _args: object, _out: object) -> None:
-        raise _StopForward
+        raise StopForward
 
     for name in modules:
         handles.append(named[name].register_forward_pre_hook(hook(name)))
@@ -64,7 +85,7 @@ def input_sq_norms(
                 batch = calib[start : start + batch_size].to(_device(model))
                 try:
                     model(input_ids=batch, use_cache=False)
-                except _StopForward:
+                except StopForward:
                     pass
                 task.advance(batch.shape[0])
     finally:

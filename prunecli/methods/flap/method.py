@@ -29,6 +29,7 @@ from prunecli.engine.plan import Plan
 from prunecli.engine.select import selectable_groups
 from prunecli.errors import DataError, UnsupportedModelError
 from prunecli.graph import DependencyGraph, Group, Member
+from prunecli.methods._calib import StopForward, stop_module
 from prunecli.methods.flap.config import FlapConfig
 from prunecli.methods.flap.scoring import (
     Candidate,
@@ -44,10 +45,6 @@ from prunecli.progress import Progress, resolve
 
 #: tokens per calibration mini-batch (windows per batch = max(1, TOKENS_PER_BATCH // seqlen))
 TOKENS_PER_BATCH = 8192
-
-
-class _StopForward(Exception):
-    """Raised by a hook once every observed module has run, to skip the rest of the model."""
 
 
 def _consumer_weight(model: nn.Module, member: Member) -> tuple[nn.Module, torch.Tensor]:
@@ -72,27 +69,6 @@ def _observable(model: nn.Module, group: Group) -> list[Member]:
         if isinstance(w, torch.Tensor) and w.dim() == 2 and m.dim in (0, 1):
             out.append(m)
     return out
-
-
-def _stop_module(model: nn.Module, modules: set[str]) -> nn.Module | None:
-    """The entry of the repeated-block ModuleList after which no observed module runs.
-
-    The decoder layers are found as the ModuleList whose entries hold every observed
-    module, so no attribute name (``model.layers``, ``encoder.layer``) is assumed.
-    """
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or not len(mod):
-            continue
-        where = []
-        for m in modules:
-            rest = m[len(name) + 1 :] if name and m.startswith(name + ".") else (m if not name else "")
-            head = rest.split(".", 1)[0]
-            if not head.isdigit() or int(head) >= len(mod):
-                break
-            where.append(int(head))
-        else:
-            return mod[max(where)]
-    return None
 
 
 def _check_calib(calib: Any) -> torch.Tensor:
@@ -144,7 +120,7 @@ def collect_stats(
         return hook
 
     def stop(_mod: nn.Module, _args: Any, _out: Any) -> None:
-        raise _StopForward
+        raise StopForward
 
     for name in modules:
         handles.append(model.get_submodule(name).register_forward_pre_hook(observe(name)))
@@ -164,7 +140,7 @@ def collect_stats(
             for i in range(0, n, bw):
                 try:
                     model(input_ids=calib[i : i + bw].to(device), **kwargs)
-                except _StopForward:
+                except StopForward:
                     pass
                 task.advance()
     finally:
@@ -281,7 +257,7 @@ def prune_flap(
             hint="use a data-free method such as magnitude for this model",
         )
     modules = sorted({m.module for g in groups for m in consumers[g.name]})
-    stats = collect_stats(model, modules, calib, _stop_module(model, set(modules)), progress=progress)
+    stats = collect_stats(model, modules, calib, stop_module(model, set(modules)), progress=progress)
 
     cands = [_candidate(model, graph, g, consumers[g.name], stats, config) for g in groups]
     total = block_params(model, graph)

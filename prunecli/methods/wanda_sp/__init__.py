@@ -38,7 +38,7 @@ from prunecli.engine import Plan, select_uniform
 from prunecli.engine.select import selectable_groups
 from prunecli.errors import InputError, UnsupportedModelError
 from prunecli.graph import DependencyGraph, Group
-from prunecli.methods._calib import input_sq_norms
+from prunecli.methods._calib import input_sq_norms, stop_module
 from prunecli.methods.magnitude import unit_sums
 
 
@@ -143,7 +143,6 @@ def _prune_layer_by_layer(
     restored before returning, so the model is left as it came.
     """
     from prunecli.engine.apply import zero_units
-    from prunecli.methods.flap.method import _stop_module
 
     layers = sorted({g.layer for g in groups}, key=lambda x: (x is None, x if x is not None else 0))
     touched = {m.param for g in graph.groups.values() for m in g.members}
@@ -154,7 +153,7 @@ def _prune_layer_by_layer(
         for layer in layers:
             here = [g for g in groups if g.layer == layer]
             modules = {_consumer(g).module for g in here}
-            stop = _stop_module(model, modules) if layer is not None else None
+            stop = stop_module(model, modules) if layer is not None else None
             scores = _scores(model, here, calib, config, stop_after=stop, progress=progress)
             chosen = select_uniform(
                 graph, scores, config.sparsity, round_to=config.round_to, ignore=config.ignore

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 import warnings
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunecli.calibrate import Runner
 from prunecli.config import MethodConfig, get_method
 from prunecli.engine import Plan, PruneSummary, apply_plan
 from prunecli.engine.apply import check_supported
@@ -105,6 +107,7 @@ def prune(
     *,
     graph: DependencyGraph | None = None,
     progress: Progress | None = None,
+    runner: Runner | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place with the method that ``config`` names.
 
@@ -114,6 +117,8 @@ def prune(
         calib: calibration token windows ``[n, seqlen]`` for methods that need data.
         graph: a dependency graph already built for this model.
         progress: progress reporter.
+        runner: the calibration runner (:class:`prunecli.calibrate.Runner`): whole-model or
+            layer-sequential, offloaded weights, data-parallel; default whole-model.
 
     Returns:
         A :class:`PruneResult`. When the removed share of all attention + MLP parameters
@@ -155,7 +160,10 @@ def prune(
     check_supported(model, graph, {g.name: [] for g in selectable})
     t1 = time.perf_counter()
     with torch.no_grad() if not getattr(fn, "needs_grad", False) else _nullcontext():
-        plan = fn(model, graph, config, calib, progress=progress)
+        kwargs: dict[str, Any] = {"progress": progress}
+        if "runner" in inspect.signature(fn).parameters:  # data-free methods without it read no weights
+            kwargs["runner"] = runner or Runner()
+        plan = fn(model, graph, config, calib, **kwargs)
     seconds["score"] = time.perf_counter() - t1
     plan.fingerprint = graph.fingerprint
     plan.meta.update({"method": config.method, "config": config.to_dict()})

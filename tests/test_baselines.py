@@ -11,7 +11,7 @@ from conftest import build_tiny_llama
 from torch import nn
 
 from prunecli.graph import Group, Member, build_graph
-from prunecli.methods._calib import input_sq_norms
+from prunecli.calibrate import Observe, Runner
 from prunecli.methods.magnitude import unit_weight_norms
 from prunecli.methods.random import RandomConfig, prune_random
 from prunecli.methods.wanda_sp import wanda_sp_scores
@@ -84,14 +84,15 @@ class _EmbedLinear(nn.Module):
         return self.lin(self.emb(input_ids))
 
 
-@pytest.mark.parametrize("batch_size", [1, 2, 8])
-def test_input_sq_norms_hand_computed(batch_size: int) -> None:
+@pytest.mark.parametrize("batch_tokens", [2, 4, 16])
+def test_input_sq_norms_hand_computed(batch_tokens: int) -> None:
     model = _EmbedLinear().train()
     ids = torch.tensor([[0, 1], [2, 2], [1, 0]])
     # tokens: [1,0] [0,2] [1,-1] [1,-1] [0,2] [1,0] -> sums of squares 1+0+1+1+0+1, 0+4+1+1+4+0
-    sums = input_sq_norms(model, ["lin"], ids, batch_size=batch_size)
-    assert sums["lin"].dtype == torch.float64
-    assert sums["lin"].tolist() == [4.0, 10.0]
+    req = Observe("lin", "sumsq")
+    sums = Runner(batch_tokens=batch_tokens).observe(model, [req], ids)[req]
+    assert sums.sum_sq.dtype == torch.float64
+    assert sums.sum_sq.tolist() == [4.0, 10.0] and sums.count == 6
     assert model.training  # mode restored
     assert not model.lin._forward_pre_hooks  # hooks removed
 
@@ -183,7 +184,6 @@ def test_wanda_sp_pruned_propagation_measures_each_layer_on_the_pruned_model() -
 
     from prunecli.engine.apply import zero_units
     from prunecli.graph import build_graph
-    from prunecli.methods._calib import input_sq_norms
     from prunecli.methods.wanda_sp import WandaSpConfig, prune_wanda_sp, wanda_sp_scores
 
     model = build_tiny_llama()
@@ -201,9 +201,10 @@ def test_wanda_sp_pruned_propagation_measures_each_layer_on_the_pruned_model() -
     pruned = copy.deepcopy(model)
     zero_units(pruned, graph, {mlp0: plan.removals[mlp0]})
     down = "model.layers.1.mlp.down_proj"
-    norms = input_sq_norms(pruned, [down], calib)
+    req = Observe(down, "sumsq")
+    norms = Runner().observe(pruned, [req], calib)[req].sum_sq
     member = next(m for m in graph[mlp1].consumers() if m.module == down)
-    scores = wanda_sp_scores(pruned.get_submodule(down).weight, norms[down], member.index)
+    scores = wanda_sp_scores(pruned.get_submodule(down).weight, norms, member.index)
     expected = sorted(torch.argsort(scores, stable=True)[: len(plan.removals[mlp1])].tolist())
     assert plan.removals[mlp1] == expected
     assert plan.removals[mlp1] != dense.removals[mlp1]  # and it differs from the dense pass here

@@ -24,7 +24,7 @@ from prunecli.methods.flap.scoring import (
     standardize,
     unit_scores,
 )
-from prunecli.methods.flap.stats import ChannelStats
+from prunecli.calibrate import ChannelStats
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -250,6 +250,7 @@ def test_bias_compensation_is_exact_for_constant_inputs():
     from prunecli.engine.plan import Plan
     from prunecli.graph import build_graph
     from prunecli.methods.flap.method import collect_stats, compensation
+    from prunecli.calibrate import Runner
 
     model = _tiny_llama(bias=True)
     _constant_units(model)
@@ -258,7 +259,7 @@ def test_bias_compensation_is_exact_for_constant_inputs():
     removals = {heads: [0, 1], mlp: [3, 10, 50]}
     modules = ["model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
     calib = torch.randint(0, 100, (6, 24), generator=torch.Generator().manual_seed(2))
-    stats = collect_stats(model, modules, calib, batch_windows=4)
+    stats = collect_stats(model, modules, calib, Runner(batch_tokens=4 * 24))
     assert stats[modules[0]].count == 6 * 24
     assert float(stats[modules[0]].var[:32].max()) < 1e-10  # constant head outputs
     assert float(stats[modules[1]].var[[3, 10, 50]].max()) == 0.0

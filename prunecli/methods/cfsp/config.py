@@ -33,7 +33,6 @@ class CfspConfig(DataMethodConfig):
             calibration tokens).
         b: exponent of the activation norm inside the down-projection term.
         c: exponent of the activation norm factor.
-        batch_size: calibration windows per forward pass.
         nsamples: calibration windows for the CLI (128, the public code's default).
         seqlen: tokens per calibration window (1024, the public code's default).
         round_to: kept MLP widths are multiples of this number (the paper uses 128).
@@ -54,7 +53,6 @@ class CfspConfig(DataMethodConfig):
     alpha: float = CODE_ALPHA
     b: float = 1.0
     c: float = 1.0
-    batch_size: int = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -63,5 +61,3 @@ class CfspConfig(DataMethodConfig):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise InputError(f"{name} must be a non-negative number, got {v!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise InputError(f"batch_size must be a positive integer, got {self.batch_size!r}")

@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunecli.calibrate import Observe, Runner
 from prunecli.config import register_method
 from prunecli.engine.apply import block_params
 from prunecli.engine.plan import Plan
 from prunecli.errors import SparsityError, UnsupportedModelError
 from prunecli.graph.groups import Group, Member
-from prunecli.methods.cfsp.calibrate import block_of, collect
 from prunecli.methods.cfsp.config import CfspConfig
 from prunecli.methods.cfsp.scoring import allocate_sparsity, allocate_units, channel_importance
 from prunecli.progress import Progress
@@ -46,11 +46,58 @@ def _ignored(group: Group, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(n, p) for n in names for p in patterns)
 
 
-def _tensor(model: nn.Module, name: str) -> torch.Tensor:
-    try:
-        return model.get_parameter(name)
-    except AttributeError:
-        return model.get_buffer(name)
+def block_of(model: nn.Module, module_name: str) -> str:
+    """Qualified name of the repeated block holding ``module_name`` (a child of a ModuleList).
+
+    Args:
+        model: the model.
+        module_name: qualified name of a module inside a block, e.g. ``model.layers.3.mlp``.
+    """
+    parts = module_name.split(".")
+    for cut in range(len(parts), 0, -1):
+        parent = ".".join(parts[: cut - 1])
+        try:
+            parent_mod = model.get_submodule(parent) if parent else model
+        except AttributeError:
+            continue
+        if isinstance(parent_mod, nn.ModuleList):
+            return ".".join(parts[:cut])
+    raise UnsupportedModelError(
+        f"module {module_name!r} is not inside a repeated block (no nn.ModuleList parent)",
+        hint="CFSP needs transformer layers held in an nn.ModuleList",
+    )
+
+
+def collect(
+    model: nn.Module,
+    calib: torch.Tensor,
+    blocks: list[str],
+    consumers: list[str],
+    *,
+    runner: Runner | None = None,
+    progress: Progress | None = None,
+) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """What CFSP measures, from one dense calibration pass through the shared runner.
+
+    Args:
+        model: a causal LM taking ``input_ids``.
+        calib: LongTensor ``[n, seqlen]`` of token windows.
+        blocks: qualified names of the blocks whose mean angular distance is wanted.
+        consumers: qualified names of linear modules whose input channel norms are wanted.
+        runner: the calibration runner (default: whole-model).
+        progress: optional progress reporter.
+
+    Returns:
+        ``(distance, act_norm)``: mean angular distance per block, and per consumer the
+        float64 ``[in_features]`` root-mean-square of each input channel over all tokens.
+    """
+    runner = runner or Runner()
+    blocks, consumers = list(dict.fromkeys(blocks)), list(dict.fromkeys(consumers))
+    requests = [Observe(b, "angular", "block") for b in blocks] + [Observe(c, "sumsq") for c in consumers]
+    obs = runner.observe(model, requests, calib, progress=progress, label="cfsp: calibration pass")
+    distance = {b: obs[Observe(b, "angular", "block")].mean for b in blocks}
+    act_norm = {c: obs[Observe(c, "sumsq")].rms.cpu() for c in consumers}
+    return distance, act_norm
 
 
 def _split_members(group: Group) -> tuple[Member, list[Member]]:
@@ -82,6 +129,7 @@ def cfsp_scores(
     config: CfspConfig,
     calib: torch.Tensor,
     progress: Progress | None = None,
+    runner: Runner | None = None,
 ) -> CfspScores:
     """Measure block importances, allocate the budget and score every MLP channel.
 
@@ -91,7 +139,9 @@ def cfsp_scores(
         config: CFSP options.
         calib: LongTensor ``[n, seqlen]`` of calibration token windows.
         progress: optional progress reporter.
+        runner: the calibration runner (whole-model, layer-sequential, offloaded, distributed).
     """
+    runner = runner or Runner()
     groups = [
         g
         for g in graph.prunable("channels")
@@ -110,7 +160,7 @@ def cfsp_scores(
         calib,
         blocks,
         [c.module for c, _ in members],
-        batch_size=config.batch_size,
+        runner=runner,
         progress=progress,
     )
 
@@ -143,12 +193,12 @@ def cfsp_scores(
     with torch.no_grad():
         for g, (cons, prods) in zip(groups, members, strict=True):
             idx = torch.tensor(_flat_index(cons), dtype=torch.long)
-            w_cons = _tensor(model, cons.param).detach()
+            w_cons = runner.tensor(model, cons.param).detach()
             w_cons = w_cons.index_select(cons.dim, idx.to(w_cons.device)).cpu()
             w_cons = w_cons if cons.dim == 1 else w_cons.t()  # (d_out, m); Conv1D stores (m, d_out)
             w_prods = []
             for p in prods:
-                w = _tensor(model, p.param).detach()
+                w = runner.tensor(model, p.param).detach()
                 w = w.index_select(p.dim, torch.tensor(_flat_index(p), device=w.device)).cpu()
                 w_prods.append(w if p.dim == 0 else w.t())  # (m, d_in)
             a = act_norm[cons.module].index_select(0, idx)
@@ -200,6 +250,7 @@ def prune_cfsp(
     config: CfspConfig,
     calib: torch.Tensor,
     progress: Progress | None = None,
+    runner: Runner | None = None,
 ) -> Plan:
     """CFSP plan for ``model``: remove MLP channels, fewer in blocks that change the hidden state more.
 
@@ -210,9 +261,10 @@ def prune_cfsp(
             all of it taken from MLP channels.
         calib: LongTensor ``[n, seqlen]`` of calibration windows.
         progress: optional progress reporter.
+        runner: the calibration runner.
 
     Example:
         >>> plan = prune_cfsp(model, build_graph(model), CfspConfig(sparsity=0.3), calib)  # doctest: +SKIP
     """
-    result = cfsp_scores(model, graph, config, calib, progress=progress)
+    result = cfsp_scores(model, graph, config, calib, progress=progress, runner=runner)
     return plan_from_scores(result, fingerprint=str(getattr(graph, "fingerprint", "")), config=config)

@@ -71,6 +71,7 @@ from collections.abc import Sequence
 
 import torch
 
+from prunecli.calibrate.stats import angular_distance  # noqa: F401  (CFSP Eq. 2, shared with the runner)
 from prunecli.errors import InputError, SparsityError
 
 # The public code's allocation settings: slope ``a = 1`` on the distances summed over its
@@ -102,30 +103,6 @@ def check_criterion(criterion: str) -> None:
             hint=f"use criterion={RENAMED[criterion]} for the old scores, or the default 'code'",
         )
     raise InputError(f"unknown CFSP criterion {criterion!r}", hint=f"choose one of: {', '.join(CRITERIA)}")
-
-
-def angular_distance(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
-    """Angular distance ``arccos(cos(x_in, x_out)) / pi`` per token, in [0, 1].
-
-    Args:
-        x_in: block input hidden states ``[..., D]``.
-        x_out: block output hidden states, same shape.
-
-    Returns:
-        float32 tensor of shape ``x_in.shape[:-1]``; a token whose input or output is the zero
-        vector gets 0.5 (cosine NaN replaced by 0.5, as in the public code).
-
-    Example:
-        >>> angular_distance(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]]))
-        tensor([0.5000])
-    """
-    if x_in.shape != x_out.shape:
-        raise InputError(f"hidden-state shapes differ: {tuple(x_in.shape)} vs {tuple(x_out.shape)}")
-    a = x_in.detach().to(torch.float32)
-    b = x_out.detach().to(torch.float32)
-    cos = (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
-    cos = cos.nan_to_num(nan=0.5).clamp(-1.0, 1.0)
-    return torch.arccos(cos) / math.pi
 
 
 def allocate_sparsity(

@@ -87,12 +87,12 @@ def channel_metric(
     if metric in ("WIFV", "IFV"):
         if var is None:
             raise ValueError(f"metric {metric} needs the input variance")
-        v = var.to(torch.float64)
+        v = var.to(device="cpu", dtype=torch.float64)
         return v * w.square().sum(dim=0) if metric == "WIFV" else v.clone()
     if metric == "WIFN":
         if mean_sq is None:
             raise ValueError("metric WIFN needs the input mean of squares")
-        return mean_sq.to(torch.float64).clamp_min(0).sqrt() * w.abs().mean(dim=0)
+        return mean_sq.to(device="cpu", dtype=torch.float64).clamp_min(0).sqrt() * w.abs().mean(dim=0)
     raise ValueError(f"unknown FLAP metric {metric!r}; expected one of {', '.join(METRICS)}")
 
 
@@ -151,7 +151,7 @@ def bias_delta(weight: torch.Tensor, mean: torch.Tensor, removed: Sequence[int])
     r = torch.as_tensor(list(removed), dtype=torch.long)
     if r.numel() == 0:
         return torch.zeros(w.shape[0], dtype=torch.float64)
-    return w[:, r] @ mean.to(torch.float64)[r]
+    return w[:, r] @ mean.to(device="cpu", dtype=torch.float64)[r]
 
 
 # --------------------------------------------------------------------------- selection

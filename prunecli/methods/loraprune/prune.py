@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunecli.calibrate import Runner, distributed
 from prunecli.config import register_method
 from prunecli.engine.plan import Plan
 from prunecli.engine.select import select_uniform, selectable_groups
@@ -384,6 +385,7 @@ def prune_loraprune(
     config: LorapruneConfig,
     calib: torch.Tensor,
     progress: Progress | None = None,
+    runner: Runner | None = None,
 ) -> Plan:
     """LoRAPrune plan for ``model`` (fine-tunes and merges LoRA adapters into it first).
 
@@ -393,10 +395,19 @@ def prune_loraprune(
         config: LoRAPrune options.
         calib: LongTensor ``[n, seqlen]`` of training token windows.
         progress: optional progress reporter.
+        runner: the calibration runner; LoRAPrune fine-tunes the whole model with gradients,
+            so it needs the model in memory in one process (``mode="whole"``, no offloaded
+            weights, no data parallelism).
 
     Example:
         >>> plan = prune_loraprune(model, build_graph(model), LorapruneConfig(sparsity=0.2), calib)  # doctest: +SKIP
     """
+    if runner is not None and (runner.mode != "whole" or runner.weights is not None or distributed.active()):
+        raise UnsupportedModelError(
+            "LoRAPrune fine-tunes the whole model with gradients: it cannot run layer-sequentially, "
+            "with offloaded weights or over several processes",
+            hint="drop --sequential, --max-memory and --nproc for loraprune (or use flap, cfsp, wanda-sp)",
+        )
     plan, _ = run_loraprune(model, graph, config, calib, progress=progress)
     return plan
 

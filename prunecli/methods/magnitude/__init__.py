@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from prunecli.calibrate import Runner
 from prunecli.config import MethodConfig, register_method
 from prunecli.engine import Plan, select_uniform
 from prunecli.engine.select import selectable_groups
 from prunecli.graph import DependencyGraph, Group
+from prunecli.progress import Progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,8 +30,14 @@ class MagnitudeConfig(MethodConfig):
     method = "magnitude"
 
 
-def unit_weight_norms(model: nn.Module, group: Group, params: dict[str, Tensor] | None = None) -> Tensor:
-    """Per-unit L2 norm over the group's producer and consumer weight slices."""
+def unit_weight_norms(model: nn.Module, group: Group, params: Mapping[str, Tensor] | Any = None) -> Tensor:
+    """Per-unit L2 norm over the group's producer and consumer weight slices.
+
+    Args:
+        model: the model.
+        group: the group to score.
+        params: ``name -> tensor`` (anything indexable; default: the model's parameters).
+    """
     params = params if params is not None else dict(model.named_parameters(remove_duplicate=False))
     total = torch.zeros(group.num_units, dtype=torch.float64)
     for m in group.members:
@@ -55,8 +65,10 @@ def prune_magnitude(
     graph: DependencyGraph,
     config: MagnitudeConfig,
     calib: Tensor | None = None,
-    progress=None,
+    progress: Progress | None = None,
+    runner: Runner | None = None,
 ) -> Plan:
-    params = dict(model.named_parameters(remove_duplicate=False))
+    """Magnitude plan (data-free); weights of offloaded blocks are read one tensor at a time."""
+    params = (runner or Runner()).tensors(model)
     scores = {g.name: unit_weight_norms(model, g, params) for g in selectable_groups(graph, config.ignore)}
     return select_uniform(graph, scores, config.sparsity, round_to=config.round_to, ignore=config.ignore)

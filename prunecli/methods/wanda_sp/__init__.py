@@ -18,28 +18,29 @@ could not be checked from this machine.
 Propagation (``propagation``): the reference code (FLAP's ``prune_wanda_sp``) calibrates
 layer by layer, feeding each layer the outputs of the already pruned layers before it, so
 ``||X_j||`` of layer ``l`` is measured on the model pruned up to ``l - 1``: that is
-``propagation="pruned"``. It is offered, not the default: here it costs about ``L / 2`` forward
-passes over the calibration windows for ``L`` layers (each layer is measured after the units
-chosen before it are zeroed, which is exactly what removing them does, and the pass stops
-after that layer), against one pass for ``propagation="dense"`` (the default: every norm from
-the unpruned activations). The shared layer-sequential calibration runner will make the
-reference behaviour as cheap as one pass.
+``propagation="pruned"``, run by the shared layer-sequential runner (each block is measured,
+its units are chosen and zeroed, which is exactly what removing them does, and the block is
+rerun to feed the next one: about two dense passes in all). ``propagation="dense"`` (the
+default) takes every norm from the unpruned activations in one pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
-import torch
 from torch import Tensor, nn
 
+from prunecli.calibrate import Observe, Runner, block_list
+from prunecli.calibrate.runner import block_index
 from prunecli.config import DataMethodConfig, register_method
 from prunecli.engine import Plan, select_uniform
 from prunecli.engine.select import selectable_groups
 from prunecli.errors import InputError, UnsupportedModelError
 from prunecli.graph import DependencyGraph, Group
-from prunecli.methods._calib import input_sq_norms, stop_module
+from prunecli.engine.apply import zero_units
 from prunecli.methods.magnitude import unit_sums
+from prunecli.progress import Progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,6 @@ class WandaSpConfig(DataMethodConfig):
     """Structured Wanda (scores from one dense calibration pass; see the module docstring).
 
     Args:
-        batch_size: windows per calibration forward pass.
         propagation: ``dense`` (one pass over the unpruned model, the default) or ``pruned``
             (the reference: layer ``l`` is measured on the model pruned up to layer ``l - 1``).
         nsamples: calibration windows for the CLI (128, Wanda's setting).
@@ -58,7 +58,6 @@ class WandaSpConfig(DataMethodConfig):
     needs_data = True
     nsamples: int = 128
     seqlen: int = 2048
-    batch_size: int = 8
     propagation: str = "dense"
 
     def __post_init__(self) -> None:
@@ -94,76 +93,64 @@ def prune_wanda_sp(
     graph: DependencyGraph,
     config: WandaSpConfig,
     calib: Tensor | None = None,
-    progress=None,
+    progress: Progress | None = None,
+    runner: Runner | None = None,
 ) -> Plan:
-    groups = selectable_groups(graph, config.ignore)
-    if config.propagation == "pruned":
-        return _prune_layer_by_layer(model, graph, config, groups, calib, progress)
-    scores = _scores(model, groups, calib, config, progress=progress)
-    return select_uniform(graph, scores, config.sparsity, round_to=config.round_to, ignore=config.ignore)
+    """Wanda-sp plan: uniform per-layer removal of the lowest ``sum |W| * ||X||`` units.
 
+    Args:
+        model: the model (its weights are left as they came).
+        graph: its dependency graph.
+        config: wanda-sp options.
+        calib: calibration token windows ``[n, seqlen]``.
+        progress: progress reporter.
+        runner: the calibration runner.
 
-def _scores(
-    model: nn.Module,
-    groups: list[Group],
-    calib: Tensor,
-    config: WandaSpConfig,
-    stop_after=None,
-    progress=None,
-) -> dict[str, Tensor]:
-    consumers = {g.name: _consumer(g) for g in groups}
-    norms = input_sq_norms(
-        model,
-        sorted({c.module for c in consumers.values()}),
-        calib,
-        batch_size=config.batch_size,
-        stop_after=stop_after,
-        progress=progress,
-    )
-    params = dict(model.named_parameters(remove_duplicate=False))
-    scores = {}
-    for g in groups:
-        c = consumers[g.name]
-        scores[g.name] = wanda_sp_scores(params[c.param], norms[c.module], c.index)
-    return scores
-
-
-def _prune_layer_by_layer(
-    model: nn.Module,
-    graph: DependencyGraph,
-    config: WandaSpConfig,
-    groups: list[Group],
-    calib: Tensor,
-    progress,
-) -> Plan:
-    """The reference's propagation: score layer ``l`` on the model with layers ``< l`` pruned.
-
-    Units chosen for earlier layers are zeroed in place while later layers are measured
-    (zeroing a unit's weights and removing it give the same outputs), and every weight is
-    restored before returning, so the model is left as it came.
+    Example:
+        >>> plan = prune_wanda_sp(model, build_graph(model), WandaSpConfig(sparsity=0.5), calib)  # doctest: +SKIP
     """
-    from prunecli.engine.apply import zero_units
+    runner = runner or Runner()
+    groups = selectable_groups(graph, config.ignore)
+    consumers = {g.name: _consumer(g) for g in groups}
+    requests = {g.name: Observe(consumers[g.name].module, "sumsq") for g in groups}
 
-    layers = sorted({g.layer for g in groups}, key=lambda x: (x is None, x if x is not None else 0))
-    touched = {m.param for g in graph.groups.values() for m in g.members}
-    params = dict(model.named_parameters(remove_duplicate=False))
-    saved = {n: params[n].detach().clone() for n in touched if n in params}
+    def scores(names: list[str], obs: dict[Observe, Any]) -> dict[str, Tensor]:
+        out = {}
+        for name in names:
+            c = consumers[name]
+            out[name] = wanda_sp_scores(runner.tensor(model, c.param), obs[requests[name]].sum_sq, c.index)
+        return out
+
+    if config.propagation == "dense":
+        obs = runner.observe(model, list(requests.values()), calib, progress=progress, label="wanda-sp calibration")
+        return select_uniform(
+            graph, scores(list(requests), obs), config.sparsity, round_to=config.round_to, ignore=config.ignore
+        )
+
+    # the reference: layer l is measured on the model with the units chosen for layers < l removed
     removals: dict[str, list[int]] = {}
-    try:
-        for layer in layers:
-            here = [g for g in groups if g.layer == layer]
-            modules = {_consumer(g).module for g in here}
-            stop = stop_module(model, modules) if layer is not None else None
-            scores = _scores(model, here, calib, config, stop_after=stop, progress=progress)
-            chosen = select_uniform(
-                graph, scores, config.sparsity, round_to=config.round_to, ignore=config.ignore
-            )
-            removals.update(chosen.removals)
-            zero_units(model, graph, chosen.removals)
-    finally:
-        with torch.no_grad():
-            for n, value in saved.items():
-                params[n].copy_(value)
+    found = block_list(model, [r.module for r in requests.values()])
+    path = found[0] if found else ""
+
+    def after_block(index: int, _block: nn.Module, obs: dict[Observe, Any]) -> None:
+        here = [g.name for g in groups if block_index(path, requests[g.name].module) == index]
+        if not here:
+            return
+        chosen = select_uniform(
+            graph, scores(here, obs), config.sparsity, round_to=config.round_to, ignore=config.ignore
+        )
+        removals.update(chosen.removals)
+        zero_units(model, graph, chosen.removals)  # the runner restores the block afterwards
+
+    runner.observe(
+        model,
+        list(requests.values()),
+        calib,
+        propagation="pruned",
+        after_block=after_block,
+        progress=progress,
+        label="wanda-sp calibration",
+    )
     return Plan(
         removals,
         fingerprint=graph.fingerprint,

@@ -10,8 +10,8 @@ import torch
 from conftest import build_tiny_llama
 from torch import nn
 
-from prunecli.graph import Group, Member, build_graph
 from prunecli.calibrate import Observe, Runner
+from prunecli.graph import Group, Member, build_graph
 from prunecli.methods.magnitude import unit_weight_norms
 from prunecli.methods.random import RandomConfig, prune_random
 from prunecli.methods.wanda_sp import wanda_sp_scores

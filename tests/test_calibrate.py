@@ -89,7 +89,12 @@ def test_sequential_statistics_equal_whole_model(arch: str) -> None:
     overrides: dict = {"num_hidden_layers": 4}
     if getattr(tiny_config(arch), "layer_types", None) is not None:
         # local and global layers see different masks (and, in Gemma 3, different rotary tables)
-        overrides["layer_types"] = ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+        overrides["layer_types"] = [
+            "sliding_attention",
+            "sliding_attention",
+            "full_attention",
+            "sliding_attention",
+        ]
         overrides["sliding_window"] = 5
         if arch in ("qwen2", "qwen3"):
             overrides["use_sliding_window"] = True
@@ -119,7 +124,9 @@ def test_sequential_stops_after_last_observed_block() -> None:
 def test_plans_equal_whole_and_sequential(arch: str) -> None:
     overrides: dict = {"num_hidden_layers": 3}
     if getattr(tiny_config(arch), "layer_types", None) is not None:
-        overrides.update(layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=5)
+        overrides.update(
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=5
+        )
         if arch in ("qwen2", "qwen3"):
             overrides["use_sliding_window"] = True
     model = tiny_model(arch, **overrides)
@@ -145,7 +152,9 @@ def test_pruned_propagation_restores_weights_and_costs_two_passes() -> None:
     before = copy.deepcopy(model.state_dict())
     graph = build_graph(model)
     runner = Runner()
-    plan = prune_wanda_sp(model, graph, WandaSpConfig(sparsity=0.4, propagation="pruned"), _calib(), runner=runner)
+    plan = prune_wanda_sp(
+        model, graph, WandaSpConfig(sparsity=0.4, propagation="pruned"), _calib(), runner=runner
+    )
     assert plan.removals
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     # each block runs once to measure and once more (after its units are zeroed) to feed the next

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from prunecli.calibrate import ChannelStats
 from prunecli.errors import InputError, SparsityError
 from prunecli.methods.flap.config import FlapConfig
 from prunecli.methods.flap.scoring import (
@@ -24,7 +25,6 @@ from prunecli.methods.flap.scoring import (
     standardize,
     unit_scores,
 )
-from prunecli.calibrate import ChannelStats
 
 # ----------------------------------------------------------------------------- statistics
 
@@ -246,11 +246,11 @@ def _constant_units(model):
 
 
 def test_bias_compensation_is_exact_for_constant_inputs():
+    from prunecli.calibrate import Runner
     from prunecli.engine.apply import apply_plan
     from prunecli.engine.plan import Plan
     from prunecli.graph import build_graph
     from prunecli.methods.flap.method import collect_stats, compensation
-    from prunecli.calibrate import Runner
 
     model = _tiny_llama(bias=True)
     _constant_units(model)

@@ -118,7 +118,9 @@ def init_from_env() -> bool:
     if world <= 1:
         return False
     if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and os.environ.get("PRUNECLI_BACKEND") != "gloo" else "gloo"
+        backend = (
+            "nccl" if torch.cuda.is_available() and os.environ.get("PRUNECLI_BACKEND") != "gloo" else "gloo"
+        )
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group(backend=backend)

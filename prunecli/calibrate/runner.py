@@ -215,7 +215,9 @@ class Runner:
         t = getattr(mod, leaf)
         if isinstance(t, Tensor) and t.device.type == "meta":
             if self.weights is None:
-                raise UnsupportedModelError(f"{name} is on the meta device and no offloaded weights are known")
+                raise UnsupportedModelError(
+                    f"{name} is on the meta device and no offloaded weights are known"
+                )
             return self.weights.tensor(name)
         return t
 
@@ -458,7 +460,9 @@ class Runner:
                 with self.materialized(model, f"{path}.{j}" if path else str(j)) as block:
                     handles = []
                     for name in dict.fromkeys(r.module for r in reqs):
-                        handles += self._hook(model.get_submodule(name), [r for r in reqs if r.module == name], obs)
+                        handles += self._hook(
+                            model.get_submodule(name), [r for r in reqs if r.module == name], obs
+                        )
                     try:
                         outs = [self._run_block(block, x, extra[j][b]) for b, x in enumerate(hidden)]
                     finally:
@@ -505,7 +509,9 @@ class _TensorView:
 @contextmanager
 def _restored(block: nn.Module) -> Iterator[None]:
     """Put back every parameter and buffer value of ``block`` that the body changes in place."""
-    saved = {k: v.detach().clone() for k, v in block.state_dict(keep_vars=True).items() if v.device.type != "meta"}
+    saved = {
+        k: v.detach().clone() for k, v in block.state_dict(keep_vars=True).items() if v.device.type != "meta"
+    }
     try:
         yield
     finally:

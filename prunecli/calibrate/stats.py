@@ -281,7 +281,10 @@ class AngularDistance(Accumulator):
     def state(self) -> list[Tensor]:
         if self._sum is None:
             return [torch.tensor([0.0], dtype=torch.float64)]
-        return [torch.tensor([float(self._count)], dtype=self._sum.dtype, device=self._sum.device), self._sum.reshape(1)]
+        return [
+            torch.tensor([float(self._count)], dtype=self._sum.dtype, device=self._sum.device),
+            self._sum.reshape(1),
+        ]
 
     @classmethod
     def from_state(cls, state: list[Tensor]) -> AngularDistance:

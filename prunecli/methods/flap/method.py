@@ -35,7 +35,7 @@ from prunecli.methods.flap.scoring import (
     select_uniform,
     unit_scores,
 )
-from prunecli.progress import Progress, resolve
+from prunecli.progress import Progress
 
 
 def _consumer_weight(model: nn.Module, member: Member, runner: Runner) -> torch.Tensor:

@@ -35,10 +35,10 @@ from prunecli.calibrate import Observe, Runner, block_list
 from prunecli.calibrate.runner import block_index
 from prunecli.config import DataMethodConfig, register_method
 from prunecli.engine import Plan, select_uniform
+from prunecli.engine.apply import zero_units
 from prunecli.engine.select import selectable_groups
 from prunecli.errors import InputError, UnsupportedModelError
 from prunecli.graph import DependencyGraph, Group
-from prunecli.engine.apply import zero_units
 from prunecli.methods.magnitude import unit_sums
 from prunecli.progress import Progress
 
@@ -122,9 +122,15 @@ def prune_wanda_sp(
         return out
 
     if config.propagation == "dense":
-        obs = runner.observe(model, list(requests.values()), calib, progress=progress, label="wanda-sp calibration")
+        obs = runner.observe(
+            model, list(requests.values()), calib, progress=progress, label="wanda-sp calibration"
+        )
         return select_uniform(
-            graph, scores(list(requests), obs), config.sparsity, round_to=config.round_to, ignore=config.ignore
+            graph,
+            scores(list(requests), obs),
+            config.sparsity,
+            round_to=config.round_to,
+            ignore=config.ignore,
         )
 
     # the reference: layer l is measured on the model with the units chosen for layers < l removed

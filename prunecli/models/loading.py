@@ -1,5 +1,7 @@
 """Load a model from a folder, a hub id, a ``.gguf`` file or a built-in alias.
 
+Weights load in the checkpoint's own dtype unless asked otherwise (``dtype="auto"``).
+
 Everything heavy (torch, transformers) is imported inside the functions, so importing this
 module is cheap.
 
@@ -35,6 +37,7 @@ from prunecli.progress import Progress, resolve
 # "org/name" or a legacy bare name such as "gpt2".
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _DTYPE_NAMES = {
+    "auto": "auto",
     "float32": "float32",
     "fp32": "float32",
     "bfloat16": "bfloat16",
@@ -57,6 +60,8 @@ class LoadedModel:
         source: the resolved local path (folder or ``.gguf`` file) or hub id.
         kind: ``"folder"``, ``"hub"``, ``"gguf"`` or ``"alias"``.
         load_seconds: wall time of :func:`load_model`.
+        dtype: the dtype the weights were loaded in (``"bfloat16"``), after ``"auto"`` was
+            resolved.
     """
 
     model: Any
@@ -65,25 +70,58 @@ class LoadedModel:
     source: str
     kind: str
     load_seconds: float
+    dtype: str = "float32"
 
 
-def resolve_dtype(dtype: Any) -> Any:
-    """``"float32"`` / ``"bfloat16"`` / ``"float16"`` (or the torch dtype) as a ``torch.dtype``.
+def resolve_dtype(dtype: Any, config: Any | None = None) -> Any:
+    """The ``torch.dtype`` to load weights in.
+
+    ``"auto"`` keeps the checkpoint's own dtype: ``dtype`` (or the older ``torch_dtype``) in
+    ``config``. It is float32 when there is no config, when the config records no dtype, or when
+    it records one prunecli does not load in (float64, an integer type).
 
     Args:
-        dtype: a name (``fp32``/``bf16``/``fp16`` also accepted) or a torch dtype.
+        dtype: ``"auto"``, ``"float32"``, ``"bfloat16"``, ``"float16"`` (``fp32``/``bf16``/``fp16``
+            also accepted) or a torch dtype.
+        config: the model's config (a transformers config or the ``config.json`` mapping); read
+            only for ``"auto"``.
+
+    Example:
+        >>> resolve_dtype("bf16")  # doctest: +SKIP
+        torch.bfloat16
+        >>> resolve_dtype("auto", {"torch_dtype": "float16"})  # doctest: +SKIP
+        torch.float16
     """
+    import torch
+
+    requested = _parse_dtype(dtype)
+    if requested != "auto":
+        return requested
+    if config is None:
+        return torch.float32
+    if isinstance(config, dict):
+        recorded = config.get("dtype") or config.get("torch_dtype")
+    else:
+        recorded = getattr(config, "dtype", None)  # transformers reads a legacy torch_dtype into it
+    if isinstance(recorded, str):
+        recorded = getattr(torch, recorded.removeprefix("torch."), None)
+    return recorded if recorded in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
+def _parse_dtype(dtype: Any) -> Any:
+    """A torch dtype, or the string ``"auto"``; raises :class:`InputError` for anything else."""
     import torch
 
     allowed = {torch.float32, torch.bfloat16, torch.float16}
     if isinstance(dtype, torch.dtype):
         if dtype in allowed:
             return dtype
-    elif isinstance(dtype, str) and dtype.lower() in _DTYPE_NAMES:
-        return getattr(torch, _DTYPE_NAMES[dtype.lower()])
+    elif isinstance(dtype, str) and dtype.strip().lower() in _DTYPE_NAMES:
+        name = _DTYPE_NAMES[dtype.strip().lower()]
+        return name if name == "auto" else getattr(torch, name)
     raise InputError(
         f"unsupported dtype {dtype!r}",
-        hint="use float32, bfloat16 or float16",
+        hint="use auto (the checkpoint's own), float32, bfloat16 or float16",
     )
 
 
@@ -162,7 +200,7 @@ def classify_spec(spec: str, *, allow_pickle: bool = False) -> tuple[str, str]:
 def load_model(
     spec: str | os.PathLike[str],
     *,
-    dtype: Any = "float32",
+    dtype: Any = "auto",
     device: Any = "cpu",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
@@ -178,7 +216,9 @@ def load_model(
 
     Args:
         spec: what to load.
-        dtype: ``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or a torch dtype.
+        dtype: ``"auto"`` (default: the checkpoint's own dtype from its config.json; float32
+            for ``.gguf`` files and configs that record none), ``"float32"``, ``"bfloat16"``,
+            ``"float16"`` or a torch dtype.
         device: where to put the model (passed to ``.to()``).
         allow_pickle: accept pickle weights (``pytorch_model.bin``, ``*.pt``); they are read with
             ``weights_only=True`` but are refused by default.
@@ -193,7 +233,7 @@ def load_model(
     """
     start = time.perf_counter()
     spec_str = os.fspath(spec)
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = _parse_dtype(dtype)  # a torch dtype or "auto", resolved once the config is read
     torch_device = _check_device(device)
     kind, target = classify_spec(spec_str, allow_pickle=allow_pickle)
     from prunecli.models.hf import quiet_transformers
@@ -228,12 +268,24 @@ def load_model(
         source=target,
         kind=kind,
         load_seconds=time.perf_counter() - start,
+        dtype=_dtype_name(model),
     )
 
 
+def _dtype_name(model: Any) -> str:
+    for param in model.parameters():
+        if param.is_floating_point():
+            return str(param.dtype).removeprefix("torch.")
+    return "float32"
+
+
 def _load_gguf(gguf: Path, torch_dtype: Any, progress: Progress | None) -> tuple[Any, Any]:
+    import torch
+
     from prunecli.models.gguf import ensure_gguf_cache
 
+    if torch_dtype == "auto":
+        torch_dtype = torch.float32  # the cache holds the dequantised weights in fp32
     cache = ensure_gguf_cache(gguf, progress=progress)
     try:
         return _load_folder(cache, torch_dtype, allow_pickle=False, trust_remote_code=False, strict=True)
@@ -412,7 +464,7 @@ def _from_pretrained(
     cls = _model_class(config, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {
         "config": config,
-        "dtype": torch_dtype,
+        "dtype": resolve_dtype(torch_dtype, config),
         "use_safetensors": use_safetensors,
         "output_loading_info": True,
         "local_files_only": local_files_only,

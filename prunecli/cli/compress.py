@@ -62,7 +62,7 @@ class CompressOptions:
     max_windows: int | None = None
     recover_steps: int = 0
     recover_data: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "cpu"
     allow_pickle: bool = False
     trust_remote_code: bool = False
@@ -249,7 +249,7 @@ def compress(
             show_default=False,
         ),
     ] = None,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
@@ -520,6 +520,7 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
             "model": opts.model,
             "source": str(loaded.source),
             "kind": loaded.kind,
+            "dtype": loaded.dtype,
             "method": opts.method,
             "config": config.to_dict(),
             "calibration": calibration,

@@ -38,7 +38,7 @@ def eval_model(
     seqlen: SeqlenOpt = 512,
     max_windows: MaxWindowsOpt = None,
     text_field: TextFieldOpt = "text",
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,

@@ -18,7 +18,7 @@ def graph(
     all_groups: Annotated[
         bool, typer.Option("--all", help="Also show groups that cannot be pruned, with the reason.")
     ] = False,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,

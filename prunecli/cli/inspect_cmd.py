@@ -29,7 +29,7 @@ CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
 
 def inspect_model(
     model: ModelArg,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,

@@ -10,27 +10,53 @@ from prunecli.cli._options import JsonOpt, QuietOpt
 from prunecli.cli.output import Output
 
 app = typer.Typer(
-    help="Model aliases (short names for models that ship through a package registry).",
+    help="Model aliases: short names for hub models (llama-7b, qwen3-8b ...) and for models that ship "
+    "through a package registry (smollm2-135m ...).",
     no_args_is_help=True,
 )
 
 
 @app.command("list")
 def list_models(json: JsonOpt = False) -> None:
-    """List the known model aliases and whether each is available locally."""
+    """List the model aliases: hub id or package, parameters, checkpoint size, and whether each is here.
+
+    A hub alias is here when its checkpoint is in the local Hugging Face cache; a package alias
+    when its pip package is installed. Nothing is downloaded and the network is not touched.
+    """
     from prunecli.models import list_aliases
 
     out = Output(json=json)
     aliases = list_aliases()
 
     def render(console: Console) -> None:
-        columns = list(dict.fromkeys(k for a in aliases for k in a))
         table = Table(title="model aliases")
-        for col in columns:
-            table.add_column(col.replace("_", " "))
+        for col, justify in (
+            ("name", "left"),
+            ("hub id / package", "left"),
+            ("params", "right"),
+            ("size", "right"),
+            ("local", "left"),
+            ("description", "left"),
+        ):
+            table.add_column(col, justify=justify)  # type: ignore[arg-type]
         for a in aliases:
-            table.add_row(*(_cell(a.get(col)) for col in columns))
+            source = a["hub_id"] if a["kind"] == "hub" else f"pip: {a['package']}"
+            table.add_row(
+                a["name"],
+                source,
+                _count(a["parameters"]),
+                _bytes(a["size_bytes"]),
+                _local(a),
+                a["description"],
+            )
         console.print(table)
+        console.print(
+            "size: hub aliases, the 16-bit checkpoint (2 bytes per parameter); package aliases, what the "
+            "package ships. Hub aliases load from the Hugging Face cache (HF_HOME) or the hub; package "
+            "aliases install with `prunecli models pull NAME`.",
+            markup=False,
+            highlight=False,
+        )
 
     out.result({"aliases": aliases}, render)
 
@@ -52,11 +78,21 @@ def pull_model(
     )
 
 
-def _cell(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
+def _count(n: int) -> str:
+    """``6738415616`` -> ``6.74B``, ``134515008`` -> ``134.5M``."""
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    return f"{n / 1e6:.1f}M"
+
+
+def _bytes(n: int) -> str:
+    """``13476831232`` -> ``13.5 GB``, ``98362432`` -> ``98 MB`` (decimal units, as the hub shows)."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def _local(row: dict) -> str:
+    if not row["available"]:
+        return "no"
+    if row["kind"] == "package" and not row["cached"]:
+        return "yes (first load converts)"
+    return "yes"

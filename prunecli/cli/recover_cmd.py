@@ -50,7 +50,7 @@ def recover_model(
     max_windows: MaxWindowsOpt = None,
     text_field: TextFieldOpt = "text",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace DIR if it exists.")] = False,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     json: JsonOpt = False,
     quiet: QuietOpt = False,

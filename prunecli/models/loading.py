@@ -1,5 +1,8 @@
 """Load a model from a folder, a hub id, a ``.gguf`` file or a built-in alias.
 
+A hub alias (``llama-7b``) becomes its hub id (``huggyllama/llama-7b``) and loads like one.
+Weights load in the checkpoint's own dtype unless asked otherwise (``dtype="auto"``).
+
 Everything heavy (torch, transformers) is imported inside the functions, so importing this
 module is cheap.
 
@@ -28,13 +31,14 @@ from prunecli.errors import (
     PruneCliError,
     UnsupportedModelError,
 )
-from prunecli.models.aliases import is_alias, resolve_alias
+from prunecli.models.aliases import hub_alias, is_alias, resolve_alias, suggest_alias
 from prunecli.models.files import PICKLE_SUFFIXES, check_model_folder, has_tokenizer
 from prunecli.progress import Progress, resolve
 
 # "org/name" or a legacy bare name such as "gpt2".
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _DTYPE_NAMES = {
+    "auto": "auto",
     "float32": "float32",
     "fp32": "float32",
     "bfloat16": "bfloat16",
@@ -54,9 +58,13 @@ class LoadedModel:
         model: the transformers model, in eval mode.
         tokenizer: its tokenizer, or None when the source has none.
         spec: what the caller asked for.
-        source: the resolved local path (folder or ``.gguf`` file) or hub id.
-        kind: ``"folder"``, ``"hub"``, ``"gguf"`` or ``"alias"``.
+        source: the resolved local path (folder or ``.gguf`` file) or hub id (a hub alias gives
+            its hub id).
+        kind: ``"folder"``, ``"hub"`` (hub ids and hub aliases), ``"gguf"`` or ``"alias"``
+            (package aliases).
         load_seconds: wall time of :func:`load_model`.
+        dtype: the dtype the weights were loaded in (``"bfloat16"``), after ``"auto"`` was
+            resolved.
     """
 
     model: Any
@@ -65,25 +73,58 @@ class LoadedModel:
     source: str
     kind: str
     load_seconds: float
+    dtype: str = "float32"
 
 
-def resolve_dtype(dtype: Any) -> Any:
-    """``"float32"`` / ``"bfloat16"`` / ``"float16"`` (or the torch dtype) as a ``torch.dtype``.
+def resolve_dtype(dtype: Any, config: Any | None = None) -> Any:
+    """The ``torch.dtype`` to load weights in.
+
+    ``"auto"`` keeps the checkpoint's own dtype: ``dtype`` (or the older ``torch_dtype``) in
+    ``config``. It is float32 when there is no config, when the config records no dtype, or when
+    it records one prunecli does not load in (float64, an integer type).
 
     Args:
-        dtype: a name (``fp32``/``bf16``/``fp16`` also accepted) or a torch dtype.
+        dtype: ``"auto"``, ``"float32"``, ``"bfloat16"``, ``"float16"`` (``fp32``/``bf16``/``fp16``
+            also accepted) or a torch dtype.
+        config: the model's config (a transformers config or the ``config.json`` mapping); read
+            only for ``"auto"``.
+
+    Example:
+        >>> resolve_dtype("bf16")  # doctest: +SKIP
+        torch.bfloat16
+        >>> resolve_dtype("auto", {"torch_dtype": "float16"})  # doctest: +SKIP
+        torch.float16
     """
+    import torch
+
+    requested = _parse_dtype(dtype)
+    if requested != "auto":
+        return requested
+    if config is None:
+        return torch.float32
+    if isinstance(config, dict):
+        recorded = config.get("dtype") or config.get("torch_dtype")
+    else:
+        recorded = getattr(config, "dtype", None)  # transformers reads a legacy torch_dtype into it
+    if isinstance(recorded, str):
+        recorded = getattr(torch, recorded.removeprefix("torch."), None)
+    return recorded if recorded in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
+def _parse_dtype(dtype: Any) -> Any:
+    """A torch dtype, or the string ``"auto"``; raises :class:`InputError` for anything else."""
     import torch
 
     allowed = {torch.float32, torch.bfloat16, torch.float16}
     if isinstance(dtype, torch.dtype):
         if dtype in allowed:
             return dtype
-    elif isinstance(dtype, str) and dtype.lower() in _DTYPE_NAMES:
-        return getattr(torch, _DTYPE_NAMES[dtype.lower()])
+    elif isinstance(dtype, str) and dtype.strip().lower() in _DTYPE_NAMES:
+        name = _DTYPE_NAMES[dtype.strip().lower()]
+        return name if name == "auto" else getattr(torch, name)
     raise InputError(
         f"unsupported dtype {dtype!r}",
-        hint="use float32, bfloat16 or float16",
+        hint="use auto (the checkpoint's own), float32, bfloat16 or float16",
     )
 
 
@@ -104,17 +145,24 @@ def _first_line(exc: BaseException) -> str:
 def classify_spec(spec: str, *, allow_pickle: bool = False) -> tuple[str, str]:
     """Decide what ``spec`` names without loading anything.
 
+    A local file or folder wins over an alias of the same name; aliases are case-insensitive.
+
     Args:
         spec: folder, file, hub id or alias.
         allow_pickle: accept a pickle weight file (its folder is loaded).
 
     Returns:
         ``(kind, target)`` with kind one of ``alias``, ``gguf``, ``folder``, ``hub`` and target the
-        resolved path (alias/gguf: the ``.gguf`` file; folder: the folder) or the hub id.
+        resolved path (package alias/gguf: the ``.gguf`` file or folder; folder: the folder) or
+        the hub id (a hub alias such as ``llama-7b`` gives ``("hub", "huggyllama/llama-7b")``).
     """
     path = Path(spec).expanduser()
-    if is_alias(spec) and not path.exists():
-        return "alias", str(resolve_alias(spec))
+    if not path.exists():
+        if is_alias(spec):
+            return "alias", str(resolve_alias(spec))
+        hub = hub_alias(spec)
+        if hub is not None:
+            return "hub", hub.repo_id
     if path.is_dir():
         if not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf"))
@@ -162,7 +210,7 @@ def classify_spec(spec: str, *, allow_pickle: bool = False) -> tuple[str, str]:
 def load_model(
     spec: str | os.PathLike[str],
     *,
-    dtype: Any = "float32",
+    dtype: Any = "auto",
     device: Any = "cpu",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
@@ -173,12 +221,16 @@ def load_model(
     ``spec`` may be a local Hugging Face folder (safetensors, sharded or not; prunecli
     checkpoints with per-layer widths included, loaded without remote code), a hub id
     (``HuggingFaceTB/SmolLM2-135M``), a ``.gguf`` file (dequantised once into an fp32
-    safetensors cache, see :mod:`prunecli.models.gguf`) or a built-in alias
-    (``smollm2-135m``, see :func:`prunecli.models.list_aliases`).
+    safetensors cache, see :mod:`prunecli.models.gguf`) or a built-in alias: a package alias
+    (``smollm2-135m``) or a hub alias (``llama-7b``, loaded as its hub id), see
+    :func:`prunecli.models.list_aliases`. Hub ids are read from the local Hugging Face cache
+    when the hub is unreachable or ``HF_HUB_OFFLINE=1``.
 
     Args:
         spec: what to load.
-        dtype: ``"float32"`` (default), ``"bfloat16"``, ``"float16"`` or a torch dtype.
+        dtype: ``"auto"`` (default: the checkpoint's own dtype from its config.json; float32
+            for ``.gguf`` files and configs that record none), ``"float32"``, ``"bfloat16"``,
+            ``"float16"`` or a torch dtype.
         device: where to put the model (passed to ``.to()``).
         allow_pickle: accept pickle weights (``pytorch_model.bin``, ``*.pt``); they are read with
             ``weights_only=True`` but are refused by default.
@@ -193,7 +245,7 @@ def load_model(
     """
     start = time.perf_counter()
     spec_str = os.fspath(spec)
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = _parse_dtype(dtype)  # a torch dtype or "auto", resolved once the config is read
     torch_device = _check_device(device)
     kind, target = classify_spec(spec_str, allow_pickle=allow_pickle)
     from prunecli.models.hf import quiet_transformers
@@ -210,7 +262,11 @@ def load_model(
             )
         else:
             model, tokenizer = _load_hub(
-                target, torch_dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+                target,
+                torch_dtype,
+                allow_pickle=allow_pickle,
+                trust_remote_code=trust_remote_code,
+                spec=spec_str,
             )
         try:
             model = model.to(torch_device)
@@ -228,12 +284,24 @@ def load_model(
         source=target,
         kind=kind,
         load_seconds=time.perf_counter() - start,
+        dtype=_dtype_name(model),
     )
 
 
+def _dtype_name(model: Any) -> str:
+    for param in model.parameters():
+        if param.is_floating_point():
+            return str(param.dtype).removeprefix("torch.")
+    return "float32"
+
+
 def _load_gguf(gguf: Path, torch_dtype: Any, progress: Progress | None) -> tuple[Any, Any]:
+    import torch
+
     from prunecli.models.gguf import ensure_gguf_cache
 
+    if torch_dtype == "auto":
+        torch_dtype = torch.float32  # the cache holds the dequantised weights in fp32
     cache = ensure_gguf_cache(gguf, progress=progress)
     try:
         return _load_folder(cache, torch_dtype, allow_pickle=False, trust_remote_code=False, strict=True)
@@ -287,17 +355,18 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _load_hub(
-    repo_id: str, torch_dtype: Any, *, allow_pickle: bool, trust_remote_code: bool
+    repo_id: str, torch_dtype: Any, *, allow_pickle: bool, trust_remote_code: bool, spec: str | None = None
 ) -> tuple[Any, Any]:
     from huggingface_hub import try_to_load_from_cache
 
-    local_only = _hub_offline() or not _hub_reachable()
+    spec = spec or repo_id
+    offline = _hub_offline()
+    local_only = offline or not _hub_reachable()
     if local_only and not isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
-        raise ModelNotFoundError(
-            f"cannot reach the Hugging Face hub for {repo_id!r} (offline?)",
-            hint="check the network, or pass a local folder, a .gguf file or an alias (prunecli models list)",
-        )
-    config = _load_config(repo_id, trust_remote_code=trust_remote_code, hub=True, local_files_only=local_only)
+        raise _not_cached_error(spec, repo_id, offline=offline)
+    config = _load_config(
+        repo_id, trust_remote_code=trust_remote_code, hub=True, local_files_only=local_only, spec=spec
+    )
     model = _from_pretrained(
         repo_id,
         config,
@@ -307,6 +376,7 @@ def _load_hub(
         strict=False,
         hub=True,
         local_files_only=local_only,
+        spec=spec,
     )
     try:
         tokenizer = _load_tokenizer(repo_id, trust_remote_code=trust_remote_code, local_files_only=local_only)
@@ -315,9 +385,34 @@ def _load_hub(
     return model, tokenizer
 
 
-def _hub_error(repo_id: str, exc: BaseException) -> PruneCliError:
+def _hub_label(spec: str, repo_id: str) -> str:
+    """``llama-7b (hub id huggyllama/llama-7b)`` for an alias, the bare hub id otherwise."""
+    alias = hub_alias(spec)
+    return f"{alias.name} (hub id {repo_id})" if alias is not None and spec != repo_id else repo_id
+
+
+def _typo_hint(spec: str) -> str | None:
+    guess = suggest_alias(spec)
+    return f"did you mean {guess}? (prunecli models list shows the aliases)" if guess else None
+
+
+def _not_cached_error(spec: str, repo_id: str, *, offline: bool) -> ModelNotFoundError:
+    """One line for a hub model that is neither in the local cache nor downloadable now."""
+    why = " (HF_HUB_OFFLINE is set)" if offline else ""
+    folder = repo_id.rsplit("/", 1)[-1]
+    hint = f"download it elsewhere and set HF_HOME, or pass the folder path: prunecli compress /path/to/{folder} ..."
+    if offline:
+        hint = f"unset HF_HUB_OFFLINE to download it, or {hint}"
+    return ModelNotFoundError(
+        f"model {_hub_label(spec, repo_id)} is not in the local Hugging Face cache and the hub is unreachable{why}",
+        hint=_typo_hint(spec) or hint,
+    )
+
+
+def _hub_error(repo_id: str, exc: BaseException, spec: str | None = None) -> PruneCliError:
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
+    label = _hub_label(spec or repo_id, repo_id)
     chain: list[BaseException] = []
     cur: BaseException | None = exc
     while cur is not None and len(chain) < 10:
@@ -325,17 +420,26 @@ def _hub_error(repo_id: str, exc: BaseException) -> PruneCliError:
         cur = cur.__cause__ or cur.__context__
     if any(isinstance(e, GatedRepoError) for e in chain):
         return ModelNotFoundError(
-            f"the hub repo {repo_id!r} is gated", hint="accept its licence on the hub and run `hf auth login`"
+            f"the hub repo of {label} is gated", hint="accept its licence on the hub and run `hf auth login`"
         )
     if any(isinstance(e, RepositoryNotFoundError) for e in chain):
-        return ModelNotFoundError(f"no model {repo_id!r} on the Hugging Face hub", hint="check the id")
+        return ModelNotFoundError(
+            f"no model {label} on the Hugging Face hub", hint=_typo_hint(spec or repo_id) or "check the id"
+        )
     return ModelNotFoundError(
-        f"cannot load {repo_id!r} from the Hugging Face hub: {_first_line(exc)}",
+        f"cannot load {label} from the Hugging Face hub: {_first_line(exc)}",
         hint="check the id and the network; a repo with only pickle weights needs --allow-pickle",
     )
 
 
-def _load_config(source: str, *, trust_remote_code: bool, hub: bool, local_files_only: bool = False) -> Any:
+def _load_config(
+    source: str,
+    *,
+    trust_remote_code: bool,
+    hub: bool,
+    local_files_only: bool = False,
+    spec: str | None = None,
+) -> Any:
     from transformers import AutoConfig
 
     label = source if hub else str(Path(source) / "config.json")
@@ -360,7 +464,7 @@ def _load_config(source: str, *, trust_remote_code: bool, hub: bool, local_files
         raise CheckpointError(f"invalid model config {label}: {msg}") from exc
     except OSError as exc:
         if hub:
-            raise _hub_error(source, exc) from exc
+            raise _hub_error(source, exc, spec) from exc
         raise CheckpointError(f"cannot read {label}: {_first_line(exc)}") from exc
 
 
@@ -408,11 +512,12 @@ def _from_pretrained(
     strict: bool,
     hub: bool,
     local_files_only: bool = False,
+    spec: str | None = None,
 ) -> Any:
     cls = _model_class(config, trust_remote_code=trust_remote_code)
     kwargs: dict[str, Any] = {
         "config": config,
-        "dtype": torch_dtype,
+        "dtype": resolve_dtype(torch_dtype, config),
         "use_safetensors": use_safetensors,
         "output_loading_info": True,
         "local_files_only": local_files_only,
@@ -425,7 +530,7 @@ def _from_pretrained(
         raise DependencyMissingError(f"loading {source} needs a missing package: {_first_line(exc)}") from exc
     except OSError as exc:
         if hub:
-            raise _hub_error(source, exc) from exc
+            raise _hub_error(source, exc, spec) from exc
         raise CheckpointError(f"cannot read the weights in {source}: {_first_line(exc)}") from exc
     except (RuntimeError, ValueError, KeyError) as exc:
         raise CheckpointError(

@@ -143,9 +143,15 @@ def prune(
         raise DataError("calibration data must be a LongTensor of token windows [n, seqlen]")
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
+    weights = runner.weights if runner is not None else None
     if graph is None:
         with resolve(progress).task("tracing graph", total=1) as task:
-            graph = build_graph(model)
+            if weights is not None:
+                from prunecli.calibrate.offload import build_graph_offloaded
+
+                graph = build_graph_offloaded(model, weights)
+            else:
+                graph = build_graph(model)
             task.advance()
     seconds["graph"] = time.perf_counter() - t0
     selectable = selectable_groups(graph, config.ignore)
@@ -171,7 +177,7 @@ def prune(
     total = all_block_params(model, graph)  # every attention + MLP block, locked ones included
     prunable = sum(group_cost(graph, g) for g in selectable)
     step = largest_step(graph, selectable, config.round_to)
-    summary = apply_plan(model, graph, plan)
+    summary = apply_plan(model, graph, plan, deferred=weights)
     seconds["apply"] = time.perf_counter() - t2
     seconds["total"] = time.perf_counter() - t0
     after = all_block_params(model, graph)

@@ -175,6 +175,63 @@ def _fix_config_json(
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def _save_streamed(model: Any, weights: Any, tmp: Path, max_shard_size: int | str) -> None:
+    """Write the config and the weights of a model whose blocks are offloaded, shard by shard.
+
+    Each tensor is read (pruned and compensated) from ``weights`` when its shard is written;
+    a shard ends at a block boundary or at ``max_shard_size``, so at most one shard's tensors
+    are in memory. Tied tensors are written once, under their first name, as
+    ``save_pretrained`` does.
+    """
+    from safetensors.torch import save_file
+    from transformers.utils.hub import convert_file_size_to_int
+
+    from prunecli.calibrate.offload import main_block_list
+
+    limit = convert_file_size_to_int(max_shard_size)
+    model.config.save_pretrained(tmp)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and hasattr(model, "can_generate") and model.can_generate():
+        generation.save_pretrained(tmp)
+    path, _ = main_block_list(model)
+
+    def block_of(name: str) -> str:
+        rest = name[len(path) + 1 :] if name.startswith(path + ".") else None
+        return rest.split(".", 1)[0] if rest else ""
+
+    seen: set[int] = set()
+    shards: list[list[str]] = [[]]
+    sizes = [0]
+    current = None
+    state = model.state_dict(keep_vars=True)
+    for name, t in state.items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        nbytes = t.numel() * t.element_size()
+        blk = block_of(name)
+        if shards[-1] and (blk != current or sizes[-1] + nbytes > limit):
+            shards.append([])
+            sizes.append(0)
+        current = blk
+        shards[-1].append(name)
+        sizes[-1] += nbytes
+    total = len(shards)
+    weight_map: dict[str, str] = {}
+    for i, names in enumerate(shards, start=1):
+        file = "model.safetensors" if total == 1 else f"model-{i:05d}-of-{total:05d}.safetensors"
+        tensors = {}
+        for name in names:
+            t = state[name]
+            tensors[name] = weights.tensor(name) if t.device.type == "meta" else t.detach().cpu().contiguous()
+        save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+        del tensors
+        weight_map.update(dict.fromkeys(names, file))
+    if total > 1:
+        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
 def _write(
     model: Any,
     tokenizer: Any | None,
@@ -182,6 +239,7 @@ def _write(
     provenance_text: str,
     recipe: dict[str, Any] | None,
     max_shard_size: int | str,
+    weights: Any = None,
 ) -> tuple[str, bool]:
     """Write everything into ``tmp``; return the stock base class name and whether the folder
     needs ``modeling_prunecli.py`` (the remote-code route)."""
@@ -201,7 +259,10 @@ def _write(
     architectures = getattr(config, "architectures", None)
     try:
         with quiet_transformers(), modeling_prunecli.GlobalAccess(config):
-            model.save_pretrained(tmp, max_shard_size=max_shard_size)
+            if weights is not None:
+                _save_streamed(model, weights, tmp, max_shard_size)
+            else:
+                model.save_pretrained(tmp, max_shard_size=max_shard_size)
     finally:
         config.architectures = architectures  # save_pretrained overwrites it with the class name
     config_path = tmp / "config.json"
@@ -515,6 +576,7 @@ def save_checkpoint(
     verify: bool = True,
     verify_max_bytes: int = VERIFY_MAX_BYTES,
     progress: Progress | None = None,
+    weights: Any = None,
 ) -> Path:
     """Save ``model`` (+ tokenizer, provenance, recipe) as a safetensors checkpoint folder.
 
@@ -547,6 +609,10 @@ def save_checkpoint(
         verify: reload and compare before publishing the folder.
         verify_max_bytes: reload whole only up to this many bytes of weights.
         progress: progress reporter.
+        weights: for a model whose blocks are offloaded (pruned with a
+            :class:`prunecli.calibrate.offload.OffloadedWeights` runner), where their pruned
+            values are read from: the weights are then written shard by shard, never whole in
+            memory, and verification checks the shapes (the model cannot run whole).
 
     Returns:
         The absolute path of the checkpoint folder.
@@ -568,10 +634,14 @@ def save_checkpoint(
     tmp = sibling_temp_dir(out)
     try:
         with resolve(progress).task(f"saving checkpoint to {out}", total=1) as task:
-            base_name, remote = _write(model, tokenizer, tmp, provenance_text, recipe, max_shard_size)
+            base_name, remote = _write(model, tokenizer, tmp, provenance_text, recipe, max_shard_size, weights)
             apply_umask(tmp)
             if verify:
-                result = verify_checkpoint(model, tmp, base_name, remote=remote, max_bytes=verify_max_bytes)
+                result = verify_checkpoint(
+                    model, tmp, base_name, remote=remote, max_bytes=verify_max_bytes if weights is None else -1
+                )
+                if weights is not None:
+                    result["reason"] = "the model was written block by block and never held whole in memory"
             else:
                 result = {"check": "none", "max_abs_diff": None, "reason": "verification turned off"}
             record = json.loads(provenance_text)

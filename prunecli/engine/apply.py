@@ -303,7 +303,12 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor, old: torch.Ten
 
 
 def apply_plan(
-    model: nn.Module, graph: DependencyGraph, plan: Plan, *, check_fingerprint: bool = True
+    model: nn.Module,
+    graph: DependencyGraph,
+    plan: Plan,
+    *,
+    check_fingerprint: bool = True,
+    deferred: Any = None,
 ) -> PruneSummary:
     """Remove the plan's units from ``model`` in place.
 
@@ -312,6 +317,11 @@ def apply_plan(
         graph: its dependency graph.
         plan: what to remove; derived groups follow automatically.
         check_fingerprint: refuse a plan made for a model of other shapes.
+        deferred: for a model whose block weights are offloaded (on the meta device), the
+            :class:`prunecli.calibrate.offload.OffloadedWeights` they are read from: the meta
+            tensors get their pruned shapes and the slices and bias deltas are recorded there,
+            to be applied as each tensor is read (when the checkpoint is written). The probe
+            forward passes are skipped (the model is never whole in memory).
 
     Returns:
         A :class:`PruneSummary`.
@@ -331,7 +341,13 @@ def apply_plan(
         raise PlanError("the graph was built for a different state of this model; rebuild it")
     removals = resolve_removals(graph, plan)
     spec = check_supported(model, graph, removals)
-    shapes_before = probe_forward(model, graph)
+    offloaded = any(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
+    if offloaded and deferred is None:
+        raise PlanError(
+            "the model has weights on the meta device (offloaded) and no source to record the removals in",
+            hint="pass deferred=<OffloadedWeights> (prunecli.prune does it when given the runner)",
+        )
+    shapes_before = probe_forward(model, graph) if not offloaded else []
     params_before = count_params(model)
     blocks_before = block_params(model, graph)
     per_param = _param_removals(graph, removals)
@@ -352,6 +368,9 @@ def apply_plan(
             for dim, idx in dims.items():
                 keep = torch.tensor([i for i in range(new.shape[dim]) if i not in idx], dtype=torch.long)
                 new = new.index_select(dim, keep.to(new.device))
+                if new.device.type == "meta":
+                    for alias in aliases[id(old)]:
+                        deferred.record_slice(alias, dim, keep)
             new = new.contiguous()
             for alias in aliases[id(old)]:
                 _set_tensor(model, alias, new, old)
@@ -359,10 +378,11 @@ def apply_plan(
     _retie(model, aliases, all_named)
     _update_module_attrs(model)
     # after slicing: new zero biases of sibling projections get their pruned widths
-    _apply_bias_updates(model, graph, plan.bias_updates)
+    _apply_bias_updates(model, graph, plan.bias_updates, deferred)
     layers = _update_attention(model, graph, removals, spec)
     _update_config(model, layers, spec)
-    _check_probe(model, graph, shapes_before)
+    if not offloaded:
+        _check_probe(model, graph, shapes_before)
     summary = PruneSummary(
         params_before=params_before,
         params_after=count_params(model),
@@ -635,7 +655,9 @@ def _update_config(model: nn.Module, layers: dict[int, dict[str, int]], spec: Ar
     cfg.allow_global_per_layer_attribute_access = True
 
 
-def _apply_bias_updates(model: nn.Module, graph: DependencyGraph, updates: dict[str, list[float]]) -> None:
+def _apply_bias_updates(
+    model: nn.Module, graph: DependencyGraph, updates: dict[str, list[float]], deferred: Any = None
+) -> None:
     """Add ``delta`` to each named module's output bias, creating zero biases as needed.
 
     For configs with a per-kind bias flag (Llama's ``attention_bias`` / ``mlp_bias``) the
@@ -655,14 +677,18 @@ def _apply_bias_updates(model: nn.Module, graph: DependencyGraph, updates: dict[
         conv1d = type(mod).__name__ == "Conv1D"  # GPT-2: weight [in, out], bias always present
         if not (isinstance(mod, nn.Linear) or conv1d):
             raise PlanError(f"bias update for {mod_name!r}: not a linear module of this model")
-        d = torch.tensor(delta, dtype=mod.weight.dtype, device=mod.weight.device)
+        on = mod.weight.device if mod.weight.device.type != "meta" else torch.device("cpu")
+        d = torch.tensor(delta, dtype=mod.weight.dtype, device=on)
         outputs = mod.weight.shape[1] if conv1d else mod.out_features
         if d.shape != (outputs,):
             raise PlanError(f"bias update for {mod_name}: {d.numel()} values for {outputs} outputs")
         if not conv1d:
             _ensure_bias(mod)
-        with torch.no_grad():
-            mod.bias.add_(d)
+        if mod.bias.device.type == "meta":  # offloaded: added when the tensor is read
+            deferred.record_add(f"{mod_name}.bias", d)
+        else:
+            with torch.no_grad():
+                mod.bias.add_(d)
         if cfg is None:
             continue
         in_attention = any(mod_name.startswith(a + ".") for a in attn_modules)

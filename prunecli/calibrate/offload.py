@@ -78,7 +78,11 @@ class OffloadedWeights:
         self.names = set(index)
         self._loader = OffloadedWeightsLoader(
             index={
-                name: {"safetensors_file": str(path), "weight_name": key, "dtype": str(dtype).removeprefix("torch.")}
+                name: {
+                    "safetensors_file": str(path),
+                    "weight_name": key,
+                    "dtype": str(dtype).removeprefix("torch."),
+                }
                 for name, (path, key) in index.items()
             }
         )
@@ -135,9 +139,7 @@ class OffloadedWeights:
         mod = model.get_submodule(path) if path else model
         prefix = f"{path}." if path else ""
         names = [
-            prefix + n
-            for n, t in [*mod.named_parameters(), *mod.named_buffers()]
-            if t.device.type == "meta"
+            prefix + n for n, t in [*mod.named_parameters(), *mod.named_buffers()] if t.device.type == "meta"
         ]
         try:
             for name in names:
@@ -185,9 +187,11 @@ def load_offloaded(
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     files = _checkpoint_keys(folder)
     prefix = getattr(model, "base_model_prefix", "") or ""
-    tied = {k for k, v in (getattr(model, "_tied_weights_keys", None) or {}).items()} if isinstance(
-        getattr(model, "_tied_weights_keys", None), dict
-    ) else set(getattr(model, "_tied_weights_keys", None) or [])
+    tied = (
+        {k for k, v in (getattr(model, "_tied_weights_keys", None) or {}).items()}
+        if isinstance(getattr(model, "_tied_weights_keys", None), dict)
+        else set(getattr(model, "_tied_weights_keys", None) or [])
+    )
     index: dict[str, tuple[Path, str]] = {}
     missing = []
     for name, t in model.state_dict(keep_vars=True).items():

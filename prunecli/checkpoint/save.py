@@ -229,7 +229,9 @@ def _save_streamed(model: Any, weights: Any, tmp: Path, max_shard_size: int | st
         weight_map.update(dict.fromkeys(names, file))
     if total > 1:
         index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps(index, indent=2) + "\n", encoding="utf-8"
+        )
 
 
 def _write(
@@ -634,11 +636,17 @@ def save_checkpoint(
     tmp = sibling_temp_dir(out)
     try:
         with resolve(progress).task(f"saving checkpoint to {out}", total=1) as task:
-            base_name, remote = _write(model, tokenizer, tmp, provenance_text, recipe, max_shard_size, weights)
+            base_name, remote = _write(
+                model, tokenizer, tmp, provenance_text, recipe, max_shard_size, weights
+            )
             apply_umask(tmp)
             if verify:
                 result = verify_checkpoint(
-                    model, tmp, base_name, remote=remote, max_bytes=verify_max_bytes if weights is None else -1
+                    model,
+                    tmp,
+                    base_name,
+                    remote=remote,
+                    max_bytes=verify_max_bytes if weights is None else -1,
                 )
                 if weights is not None:
                     result["reason"] = "the model was written block by block and never held whole in memory"

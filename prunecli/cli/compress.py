@@ -36,6 +36,7 @@ from prunecli.cli.output import Output, library_bars_off
 from prunecli.errors import InputError
 
 METHOD_PANEL = "Method"
+RUN_PANEL = "Calibration run"
 DEFAULT_CALIB = {"nsamples": 128, "seqlen": 128}
 """Windows and their length for methods whose config has no calibration size (recovery uses seqlen)."""
 
@@ -67,6 +68,8 @@ class CompressOptions:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     verify: bool = True
+    sequential: bool = False
+    max_memory: str | None = None
 
     def to_recipe(self) -> dict[str, Any]:
         """The options as a recipe mapping (``--recipe`` re-runs it; security flags left out)."""
@@ -163,6 +166,26 @@ def compress(
         ),
     ] = False,
     no_verify: NoVerifyOpt = False,
+    sequential: Annotated[
+        bool,
+        typer.Option(
+            "--sequential",
+            help="Layer-sequential calibration: the model's blocks are read from the checkpoint files "
+            "and run one at a time (same plan as whole-model calibration, a fraction of the memory).",
+            rich_help_panel=RUN_PANEL,
+        ),
+    ] = False,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--max-memory",
+            help="Memory prunecli may use, e.g. 4GB: it calibrates the whole model when that fits, "
+            "else layer by layer with block weights read from the checkpoint files (the report says which).",
+            metavar="SIZE",
+            rich_help_panel=RUN_PANEL,
+            show_default=False,
+        ),
+    ] = None,
     calib: Annotated[
         str | None,
         typer.Option(
@@ -299,6 +322,8 @@ def compress(
         "allow_pickle": allow_pickle,
         "trust_remote_code": trust_remote_code,
         "verify": not no_verify,
+        "sequential": sequential,
+        "max_memory": max_memory,
     }
     param_names = {"set": "set_", "verify": "no_verify"}
     on_command_line = {
@@ -353,6 +378,10 @@ def resolve_options(
             raise InputError(f"{key} must be a positive integer, got {value}")
     if int(merged.get("recover_steps") or 0) < 0:
         raise InputError(f"recover_steps must be >= 0, got {merged['recover_steps']}")
+    if merged.get("max_memory") is not None:
+        from prunecli.calibrate.memory import parse_size
+
+        parse_size(merged["max_memory"])
 
     from prunecli.models import classify_spec, resolve_dtype
 
@@ -422,6 +451,7 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
         out: where to print.
     """
     from prunecli.api import SparsityWarning, prune
+    from prunecli.calibrate import Runner
     from prunecli.data import calibration_windows, data_hash, eval_windows
     from prunecli.evaluate import count_parameters, evaluate
     from prunecli.models import load_model
@@ -430,6 +460,21 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
         out.warn(f"method {opts.method!r} uses no calibration data; --calib is ignored")
     if opts.eval_data is not None and opts.calib is not None and opts.eval_data == opts.calib:
         out.warn("calibrating and evaluating on the same text makes the perplexity look better than it is")
+
+    memory = choose_memory_plan(opts, config)
+    if memory is not None and memory.offload:
+        if opts.recover_steps:
+            raise InputError(
+                "--recover-steps fine-tunes the whole model, which is not in memory in this run "
+                f"({memory.reason})",
+                hint="recover the saved checkpoint on a machine that holds it: prunecli recover OUT ...",
+            )
+        if opts.eval_data is not None:
+            out.warn(
+                "perplexity is not measured in a run whose model is never whole in memory; "
+                "run prunecli eval on the output where it fits"
+            )
+            opts = dataclasses.replace(opts, eval_data=None)
 
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -441,6 +486,7 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
             allow_pickle=opts.allow_pickle,
             trust_remote_code=opts.trust_remote_code,
             progress=progress,
+            offload=bool(memory is not None and memory.offload),
         )
         seconds["load"] = loaded.load_seconds
         model, tokenizer = loaded.model, loaded.tokenizer
@@ -487,7 +533,12 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
         t = time.perf_counter()
         with warnings.catch_warnings():  # printed once below, through `out`
             warnings.simplefilter("ignore", SparsityWarning)
-            result = prune(model, config, calib=calib, progress=progress)
+            runner = Runner(
+                mode=memory.mode if memory is not None else "whole",
+                device=opts.device,
+                weights=loaded.weights,
+            )
+            result = prune(model, config, calib=calib, progress=progress, runner=runner)
         seconds["prune"] = time.perf_counter() - t
         for message in result.warnings:
             out.warn(message)
@@ -524,6 +575,7 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
             "method": opts.method,
             "config": config.to_dict(),
             "calibration": calibration,
+            "memory": _memory_section(memory, runner),
             "params": _params_section(params_before, params_after, summary),
             "sparsity": {},
             "perplexity": _perplexity_section(opts, windows, ppl_before, ppl_after),
@@ -565,6 +617,7 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
                 overwrite=opts.overwrite,
                 verify=opts.verify,
                 progress=progress,
+                weights=loaded.weights,
             )
             seconds["save"] = time.perf_counter() - t
             report["output"] = str(path)
@@ -573,6 +626,47 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
 
     out.result(report, lambda console: render_report(console, report), quiet_line=report["output"])
     return report
+
+
+def choose_memory_plan(opts: CompressOptions, config: Any) -> Any:
+    """Whole-model or layer-sequential (offloaded) calibration for ``--sequential`` / ``--max-memory``.
+
+    Returns ``None`` when neither was given (whole model, as always).
+    """
+    if not opts.sequential and opts.max_memory is None:
+        return None
+    from prunecli.calibrate.memory import parse_size, plan_memory
+    from prunecli.models import classify_spec, resolve_dtype
+    from prunecli.models.files import weight_files
+    from prunecli.models.loading import _load_config, local_folder
+
+    kind, target = classify_spec(opts.model, allow_pickle=opts.allow_pickle)
+    folder = local_folder(kind, target)
+    model_config = _load_config(str(folder), trust_remote_code=opts.trust_remote_code, hub=False)
+    gguf = kind == "gguf" or (kind == "alias" and not Path(target).is_dir())
+    dtype = resolve_dtype("float32" if gguf and opts.dtype == "auto" else opts.dtype, model_config)
+    nsamples = int(getattr(config, "nsamples", opts.nsamples) or opts.nsamples)
+    seqlen = int(getattr(config, "seqlen", opts.seqlen) or opts.seqlen)
+    return plan_memory(
+        model_config,
+        dtype=dtype,
+        max_memory=parse_size(opts.max_memory) if opts.max_memory is not None else None,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        sequential=opts.sequential,
+        can_offload=bool(weight_files(folder)),
+    )
+
+
+def _memory_section(memory: Any, runner: Any) -> dict[str, Any]:
+    if memory is None:
+        return {"mode": runner.mode, "offload": False, "reason": "default (the whole model in memory)"}
+    return {
+        "mode": memory.mode,
+        "offload": memory.offload,
+        "reason": memory.reason,
+        "estimated_bytes": memory.sequential_bytes if memory.mode == "sequential" else memory.whole_bytes,
+    }
 
 
 def read_verify(path: Path) -> dict[str, Any] | None:
@@ -720,6 +814,16 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
     console.print(
         f"removed {plan['units_removed']:,} units from {plan['groups_pruned']} groups", highlight=False
     )
+    memory = report.get("memory") or {}
+    if memory.get("mode") == "sequential" or memory.get("reason", "").startswith("the whole model needs"):
+        how = "layer by layer" + (
+            ", block weights read from the checkpoint files" if memory.get("offload") else ""
+        )
+        if memory.get("mode") == "whole":
+            how = "whole model in memory"
+        console.print(
+            f"calibration: {how} ({memory.get('reason')})", markup=False, highlight=False, soft_wrap=True
+        )
     if report["output"]:
         console.print(f"saved to {report['output']}", markup=False, highlight=False, soft_wrap=True)
         line = verify_line(report.get("verify"))

@@ -65,6 +65,9 @@ class LoadedModel:
         load_seconds: wall time of :func:`load_model`.
         dtype: the dtype the weights were loaded in (``"bfloat16"``), after ``"auto"`` was
             resolved.
+        weights: with ``offload=True``, the :class:`prunecli.calibrate.offload.OffloadedWeights`
+            the block weights are read from (pass it to ``Runner(weights=...)`` and
+            ``save_checkpoint(weights=...)``); ``None`` when the model is whole in memory.
     """
 
     model: Any
@@ -74,6 +77,7 @@ class LoadedModel:
     kind: str
     load_seconds: float
     dtype: str = "float32"
+    weights: Any = None
 
 
 def resolve_dtype(dtype: Any, config: Any | None = None) -> Any:
@@ -215,6 +219,7 @@ def load_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     progress: Progress | None = None,
+    offload: bool = False,
 ) -> LoadedModel:
     """Load a model and its tokenizer for pruning or evaluation.
 
@@ -236,6 +241,10 @@ def load_model(
             ``weights_only=True`` but are refused by default.
         trust_remote_code: let transformers run modeling code shipped with the checkpoint.
         progress: progress reporter.
+        offload: leave every decoder-block weight in the checkpoint's safetensors files (the
+            model is built on the meta device; only embeddings, final norm and LM head are
+            loaded); blocks are read one at a time by the layer-sequential runner. A ``.gguf``
+            is streamed from its fp32 safetensors cache, a hub id from its local snapshot.
 
     Returns:
         A :class:`LoadedModel` whose model is in eval mode on ``device``.
@@ -250,6 +259,10 @@ def load_model(
     kind, target = classify_spec(spec_str, allow_pickle=allow_pickle)
     from prunecli.models.hf import quiet_transformers
 
+    if offload:
+        return _load_offloaded(
+            spec_str, kind, target, torch_dtype, torch_device, trust_remote_code, start, progress
+        )
     with quiet_transformers(), resolve(progress).task(f"loading {spec_str}", total=1) as task:
         if kind == "gguf" or (kind == "alias" and not Path(target).is_dir()):
             model, tokenizer = _load_gguf(Path(target), torch_dtype, progress)
@@ -285,6 +298,84 @@ def load_model(
         kind=kind,
         load_seconds=time.perf_counter() - start,
         dtype=_dtype_name(model),
+    )
+
+
+def local_folder(kind: str, target: str, *, progress: Progress | None = None) -> Path:
+    """The local folder holding the safetensors weights of a classified spec (see :func:`classify_spec`).
+
+    A ``.gguf`` gives its fp32 safetensors cache (converted once); a hub id its snapshot in the
+    local Hugging Face cache (downloaded when the hub is reachable).
+    """
+    if kind == "gguf" or (kind == "alias" and not Path(target).is_dir()):
+        from prunecli.models.gguf import ensure_gguf_cache
+
+        return ensure_gguf_cache(Path(target), progress=progress)
+    if kind in ("folder", "alias"):
+        return Path(target)
+    from huggingface_hub import snapshot_download
+
+    offline = _hub_offline()
+    local_only = offline or not _hub_reachable()
+    try:
+        return Path(
+            snapshot_download(
+                target,
+                local_files_only=local_only,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.py"],
+            )
+        )
+    except Exception as exc:  # noqa: BLE001 - not cached / not found / gated: one line either way
+        if local_only:
+            raise _not_cached_error(target, target, offline=offline) from exc
+        raise _hub_error(target, exc) from exc
+
+
+def _load_offloaded(
+    spec: str,
+    kind: str,
+    target: str,
+    torch_dtype: Any,
+    device: Any,
+    trust_remote_code: bool,
+    start: float,
+    progress: Progress | None,
+) -> LoadedModel:
+    import torch
+
+    from prunecli.calibrate.offload import load_offloaded
+    from prunecli.models.hf import quiet_transformers
+
+    folder = local_folder(kind, target, progress=progress)
+    with quiet_transformers(), resolve(progress).task(f"loading {spec} (blocks offloaded)", total=1) as task:
+        config = _load_config(str(folder), trust_remote_code=trust_remote_code, hub=False)
+        if torch_dtype == "auto":
+            gguf = kind == "gguf" or (kind == "alias" and not Path(target).is_dir())
+            torch_dtype = torch.float32 if gguf else resolve_dtype("auto", config)
+        try:
+            model, weights = load_offloaded(
+                folder, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(
+                f"cannot load {spec} with offloaded weights: {_first_line(exc)}",
+                hint="load it whole (drop --sequential / --max-memory)",
+            ) from exc
+        tokenizer = (
+            _load_tokenizer(str(folder), trust_remote_code=trust_remote_code)
+            if has_tokenizer(folder)
+            else None
+        )
+        task.advance()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        spec=spec,
+        source=str(folder) if kind != "hub" else target,
+        kind=kind,
+        load_seconds=time.perf_counter() - start,
+        dtype=str(torch_dtype).removeprefix("torch."),
+        weights=weights,
     )
 
 

@@ -5,6 +5,8 @@
 - :mod:`~prunecli.calibrate.runner`: :class:`Runner` (whole-model or layer-sequential,
   dense or pruned propagation) and :class:`Observe` requests.
 - :mod:`~prunecli.calibrate.distributed`: data-parallel calibration over ``torch.distributed``.
+- :mod:`~prunecli.calibrate.launch`: ``compress --nproc N``: N local processes, started the
+  way torchrun starts them.
 - :mod:`~prunecli.calibrate.offload`: block weights brought in from the safetensors files
   only while a block runs.
 

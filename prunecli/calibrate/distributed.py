@@ -19,11 +19,13 @@ not given; torchrun sets the ranks)::
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from prunecli.calibrate.stats import Accumulator
+from prunecli.calibrate.stats import Accumulator, acc_dtype
 
 
 def active() -> bool:
@@ -54,30 +56,36 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def reduce(obs: dict[Any, Accumulator]) -> None:
+def reduce(obs: dict[Any, Accumulator], device: torch.device | str | None = None) -> None:
     """Replace every accumulator by the merge, in rank order, of all ranks' accumulators.
 
     Every rank must call this with the same keys in the same order.
+
+    Args:
+        obs: key -> this rank's accumulator; the entries of this dict are replaced.
+        device: where a merged summary goes when the local one is empty (this rank saw no
+            batch, and an empty summary lives on the CPU): the compute device. Others stay
+            where the local summary is. ``None``: the CPU.
     """
     if not active() or not obs:
         return
     world = torch.distributed.get_world_size()
-    device = _comm_device()
+    comm = _comm_device()
     for key in list(obs):
         acc = obs[key]
-        state = [t.to(device=device, dtype=torch.float64).reshape(-1) for t in acc.state()]
-        sizes = torch.tensor([t.numel() for t in state], dtype=torch.long, device=device)
+        state = [t.to(device=comm, dtype=torch.float64).reshape(-1) for t in acc.state()]
+        sizes = torch.tensor([t.numel() for t in state], dtype=torch.long, device=comm)
         # ranks that saw nothing send a one-element state: agree on the layout first
-        n_parts = torch.tensor([len(state)], dtype=torch.long, device=device)
+        n_parts = torch.tensor([len(state)], dtype=torch.long, device=comm)
         all_parts = [torch.zeros_like(n_parts) for _ in range(world)]
         torch.distributed.all_gather(all_parts, n_parts)
         width = max(int(p) for p in all_parts)
-        pad_sizes = torch.zeros(width, dtype=torch.long, device=device)
+        pad_sizes = torch.zeros(width, dtype=torch.long, device=comm)
         pad_sizes[: len(state)] = sizes
         all_sizes = [torch.zeros_like(pad_sizes) for _ in range(world)]
         torch.distributed.all_gather(all_sizes, pad_sizes)
         longest = max(int(s.sum()) for s in all_sizes)
-        flat = torch.zeros(longest, dtype=torch.float64, device=device)
+        flat = torch.zeros(longest, dtype=torch.float64, device=comm)
         if state:
             packed = torch.cat(state)
             flat[: packed.numel()] = packed
@@ -97,31 +105,68 @@ def reduce(obs: dict[Any, Accumulator]) -> None:
             else:
                 merged.merge(other)
         assert merged is not None
-        obs[key] = _to_device(merged, acc)
+        obs[key] = _to_device(merged, acc, device)
 
 
-def _to_device(merged: Accumulator, like: Accumulator) -> Accumulator:
-    """Keep the merged summary on the device the local one lived on."""
-    local = like.state()
-    device = local[-1].device if local else torch.device("cpu")
-    parts = merged.state()
-    return type(merged).from_state([p.to(device) for p in parts])
+def _to_device(merged: Accumulator, like: Accumulator, device: torch.device | str | None) -> Accumulator:
+    """The merged summary where the local one lived (``device`` if it was empty), in its accumulation dtype."""
+    if like.count > 0:
+        target = like.state()[-1].device
+    else:
+        target = torch.device(device) if device is not None else torch.device("cpu")
+    dtype = acc_dtype(target)  # transport is float64; MPS accumulates in float32
+    return type(merged).from_state([p.to(device=target, dtype=dtype) for p in merged.state()])
 
 
-def init_from_env() -> bool:
+def env_world_size() -> int:
+    """``WORLD_SIZE`` as torchrun (or ``--nproc``) set it; 1 when unset."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def backend_for(device: str | None = None) -> str:
+    """``PRUNECLI_BACKEND`` if set, else ``nccl`` for CUDA devices (``None``: when CUDA is there), else ``gloo``."""
+    chosen = os.environ.get("PRUNECLI_BACKEND", "").strip()
+    if chosen:
+        return chosen
+    cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    return "nccl" if cuda else "gloo"
+
+
+def init_from_env(device: str | None = None) -> bool:
     """Join the process group described by torchrun's environment variables, if any.
+
+    Args:
+        device: the compute device; picks the backend (:func:`backend_for`). With NCCL each
+            process uses GPU ``LOCAL_RANK``.
 
     Returns:
         True when this process is one of several (``WORLD_SIZE > 1``).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if env_world_size() <= 1:
         return False
     if not torch.distributed.is_initialized():
-        backend = (
-            "nccl" if torch.cuda.is_available() and os.environ.get("PRUNECLI_BACKEND") != "gloo" else "gloo"
-        )
+        backend = backend_for(device)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group(backend=backend)
     return True
+
+
+@contextmanager
+def session(device: str | None = None) -> Iterator[tuple[int, int]]:
+    """Join torchrun's process group for the body (if ``WORLD_SIZE > 1``) and leave it afterwards.
+
+    Yields:
+        ``(rank, world size)``; ``(0, 1)`` for a single process.
+
+    Example:
+        >>> with session("cpu") as (rank, world):
+        ...     rank, world
+        (0, 1)
+    """
+    joined = not torch.distributed.is_initialized() and init_from_env(device)
+    try:
+        yield rank_world()
+    finally:
+        if joined and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -291,8 +291,8 @@ class Runner:
                     self._whole(model, requests, obs, calib, progress, label)
         finally:
             model.train(was_training)
-        if not sequential:
-            distributed.reduce(obs)
+        if not sequential and self.distributed:
+            distributed.reduce(obs, self._device(model))
         missing = [r.module for r, acc in obs.items() if acc.count == 0]
         if missing:
             raise UnsupportedModelError(
@@ -469,7 +469,10 @@ class Runner:
                         for h in handles:
                             h.remove()
                     passes += 1
-                    distributed.reduce({r: obs[r] for r in reqs})
+                    if self.distributed:
+                        merged = {r: obs[r] for r in reqs}
+                        distributed.reduce(merged, self._device(model))  # replaces `merged`'s entries
+                        obs.update(merged)
                     if propagation == "pruned" and j < last:
                         assert after_block is not None
                         with _restored(block):

@@ -55,6 +55,7 @@ class _App(TyperGroup):
         standalone_mode: bool = True,
         **extra: Any,
     ) -> Any:
+        self.argv = list(sys.argv[1:] if args is None else args)  # `compress --nproc` relaunches with these
         try:
             rv = super().main(
                 args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra

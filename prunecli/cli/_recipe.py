@@ -32,6 +32,7 @@ RECIPE_KEYS: dict[str, tuple[type, ...]] = {
     "recover_data": (str,),
     "dtype": (str,),
     "device": (str,),
+    "nproc": (int,),
 }
 # Options that must be typed on the command line, never taken from a file someone sent you.
 COMMAND_LINE_ONLY = ("allow_pickle", "trust_remote_code", "overwrite", "json", "quiet", "recipe")

@@ -9,6 +9,8 @@ data) -> perplexity before (``--eval-data``) -> prune -> perplexity after -> sav
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -70,12 +72,15 @@ class CompressOptions:
     verify: bool = True
     sequential: bool = False
     max_memory: str | None = None
+    nproc: int = 1
 
     def to_recipe(self) -> dict[str, Any]:
         """The options as a recipe mapping (``--recipe`` re-runs it; security flags left out)."""
         d = dataclasses.asdict(self)
         for key in ("overwrite", "allow_pickle", "trust_remote_code", "verify"):
             d.pop(key)
+        if d["nproc"] == 1:
+            d.pop("nproc")
         return {k: v for k, v in d.items() if v is not None and v != [] and v != {}}
 
 
@@ -276,6 +281,19 @@ def compress(
     device: DeviceOpt = "cpu",
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            "--nproc",
+            min=1,
+            help="Calibrate data-parallel in N processes on this machine (same plan as 1; with --device cuda, "
+            "one GPU each). On several machines run under torchrun instead, without --nproc: torchrun "
+            "--nnodes M --node-rank R --nproc-per-node K --master-addr HOST --master-port 29500 "
+            "-m prunecli compress MODEL ...",
+            metavar="N",
+            rich_help_panel=DATA_PANEL,
+        ),
+    ] = 1,
     recipe: Annotated[
         Path | None,
         typer.Option(
@@ -324,6 +342,7 @@ def compress(
         "verify": not no_verify,
         "sequential": sequential,
         "max_memory": max_memory,
+        "nproc": nproc,
     }
     param_names = {"set": "set_", "verify": "no_verify"}
     on_command_line = {
@@ -333,6 +352,13 @@ def compress(
     }
     opts, config = resolve_options(given, on_command_line, recipe)
     out = Output(json=json, quiet=quiet)
+    if opts.nproc > 1 and "WORLD_SIZE" not in os.environ:  # under torchrun the ranks already exist
+        from prunecli.calibrate.launch import launch
+
+        if opts.nproc > (os.cpu_count() or 1):
+            out.warn(f"--nproc {opts.nproc} is more than the {os.cpu_count()} CPU cores of this machine")
+        argv = getattr(ctx.find_root().command, "argv", None) or sys.argv[1:]
+        raise typer.Exit(launch(argv, opts.nproc, backend=_backend(opts.device)))
     run_compress(opts, config, out)
 
 
@@ -372,7 +398,7 @@ def resolve_options(
         raise InputError("missing --method", hint="e.g. --method magnitude (or use --recipe)")
     if merged.get("sparsity") is None:
         raise InputError("missing --sparsity", hint="e.g. --sparsity 0.2 removes 20% of the block parameters")
-    for key in ("nsamples", "seqlen", "eval_seqlen", "max_windows", "round_to"):
+    for key in ("nsamples", "seqlen", "eval_seqlen", "max_windows", "round_to", "nproc"):
         value = merged.get(key)
         if value is not None and value < 1:
             raise InputError(f"{key} must be a positive integer, got {value}")
@@ -388,6 +414,8 @@ def resolve_options(
     kind, target = classify_spec(str(merged["model"]), allow_pickle=bool(merged["allow_pickle"]))
     resolve_dtype(merged["dtype"])
     merged["method"] = canonical_method(str(merged["method"]))
+    nproc = int(merged.get("nproc") or 1)
+    check_processes(merged["method"], int(merged.get("recover_steps") or 0), nproc, str(merged["device"]))
     config_cls, _ = get_method(merged["method"])
     method_options = coerce_options(recipe.get("set", {}), config_cls)
     method_options.update(parse_set(merged["set"], config_cls))
@@ -428,6 +456,46 @@ def resolve_options(
     return opts, config
 
 
+def check_processes(method: str, recover_steps: int, nproc: int, device: str | None = None) -> None:
+    """Refuse, before anything is loaded, what cannot run in ``nproc`` data-parallel processes.
+
+    Args:
+        method: the method's registered name.
+        recover_steps: ``--recover-steps``.
+        nproc: number of processes (``--nproc``, or torchrun's ``WORLD_SIZE``).
+        device: ``--device`` when this machine's processes are launched here (``--nproc``):
+            with CUDA, rank r uses GPU r. ``None`` under torchrun.
+    """
+    if nproc <= 1:
+        return
+    if recover_steps:
+        raise InputError(
+            f"--recover-steps cannot run in {nproc} processes: LoRA recovery is not data-parallel",
+            hint="drop --nproc, or run `prunecli recover` on the saved checkpoint",
+        )
+    if method == "loraprune":
+        raise InputError(
+            f"loraprune cannot run in {nproc} processes: its LoRA training is not data-parallel",
+            hint="drop --nproc (or use flap, cfsp or wanda-sp)",
+        )
+    if device is not None and _backend(device) == "nccl":
+        import torch
+
+        if ":" in device:
+            raise InputError(
+                f"--nproc {nproc} with --device {device}", hint="pass --device cuda: rank r uses GPU r"
+            )
+        if nproc > torch.cuda.device_count():
+            raise InputError(
+                f"--nproc {nproc} with --device cuda needs {nproc} GPUs, found {torch.cuda.device_count()}",
+                hint="lower --nproc to the number of GPUs, or use --device cpu",
+            )
+
+
+def _backend(device: str) -> str:
+    return "nccl" if device.split(":")[0] == "cuda" else "gloo"
+
+
 def canonical_method(name: str) -> str:
     """The registered spelling of a method name (``wanda_sp``, ``wanda-sp`` and ``Wanda-SP`` are the same).
 
@@ -451,11 +519,16 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
         out: where to print.
     """
     from prunecli.api import SparsityWarning, prune
-    from prunecli.calibrate import Runner
+    from prunecli.calibrate import Runner, distributed
     from prunecli.data import calibration_windows, data_hash, eval_windows
     from prunecli.evaluate import count_parameters, evaluate
     from prunecli.models import load_model
 
+    # data parallel (--nproc, torchrun): every rank loads, calibrates and prunes; rank 0 alone
+    # evaluates, saves and prints
+    check_processes(opts.method, opts.recover_steps, distributed.env_world_size())
+    if int(os.environ.get("RANK", "0") or 0) > 0:
+        out = Output(quiet=True)
     if opts.calib is not None and not config.needs_data:
         out.warn(f"method {opts.method!r} uses no calibration data; --calib is ignored")
     if opts.eval_data is not None and opts.calib is not None and opts.eval_data == opts.calib:
@@ -478,7 +551,7 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
 
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    with library_bars_off(), out.progress() as progress:
+    with distributed.session(opts.device) as (rank, world), library_bars_off(), out.progress() as progress:
         loaded = load_model(
             opts.model,
             dtype=opts.dtype,
@@ -512,11 +585,12 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
                 "seqlen": int(calib.shape[1]),
                 "seed": opts.seed,
                 "hash": data_hash(calib),
+                "processes": world,
             }
 
         windows = None
         ppl_before = ppl_after = None
-        if opts.eval_data is not None:
+        if opts.eval_data is not None and rank == 0:
             windows = eval_windows(
                 tokenizer,
                 opts.eval_data,
@@ -593,7 +667,7 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
         report["sparsity"] = _sparsity_section(config.sparsity, report["params"])
         report["warnings"] = list(result.warnings)
 
-        if opts.output is not None:
+        if opts.output is not None and rank == 0:
             from prunecli.checkpoint import save_checkpoint
 
             provenance = {
@@ -623,6 +697,8 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
             report["output"] = str(path)
             report["verify"] = read_verify(path)
     seconds["total"] = time.perf_counter() - started
+    if rank > 0:
+        return report
 
     out.result(report, lambda console: render_report(console, report), quiet_line=report["output"])
     return report
@@ -824,6 +900,9 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
         console.print(
             f"calibration: {how} ({memory.get('reason')})", markup=False, highlight=False, soft_wrap=True
         )
+    calibration = report.get("calibration") or {}
+    if calibration.get("processes", 1) > 1:
+        console.print(f"calibrated in {calibration['processes']} processes (data parallel)", highlight=False)
     if report["output"]:
         console.print(f"saved to {report['output']}", markup=False, highlight=False, soft_wrap=True)
         line = verify_line(report.get("verify"))

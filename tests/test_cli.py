@@ -146,11 +146,11 @@ def test_unknown_method(tiny_llama_dir: Path, tmp_path: Path) -> None:
 
 def test_unknown_method_option(tiny_llama_dir: Path) -> None:
     result = invoke("compress", tiny_llama_dir, "-m", "wanda-sp", "-s", "0.3", "--set", "nope=1")
-    assert_one_error_line(result, 2, "nope", "batch_size")  # the hint lists the method's options
+    assert_one_error_line(result, 2, "nope", "propagation")  # the hint lists the method's options
 
 
 def test_bad_method_option_value(tiny_llama_dir: Path) -> None:
-    result = invoke("compress", tiny_llama_dir, "-m", "wanda_sp", "-s", "0.3", "--set", "batch_size=XYZ")
+    result = invoke("compress", tiny_llama_dir, "-m", "loraprune", "-s", "0.3", "--set", "batch_size=XYZ")
     assert_one_error_line(result, 2, "batch_size", "integer", "XYZ")
 
 
@@ -287,12 +287,12 @@ def _given(**overrides):
 def test_recipe_is_merged_under_command_line_flags(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        "model: some/model\nmethod: wanda_sp\nsparsity: 0.4\nnsamples: 16\nignore: 'model.layers.0.*'\n"
+        "model: some/model\nmethod: LoRAPrune\nsparsity: 0.4\nnsamples: 16\nignore: 'model.layers.0.*'\n"
         "set:\n  batch-size: 2\n"
     )
     opts, config = resolve_options(_given(sparsity=0.25, seqlen=64), {"sparsity", "seqlen"}, recipe)
     got = (opts.model, opts.method, opts.sparsity, opts.nsamples, opts.seqlen)
-    assert got == ("some/model", "wanda-sp", 0.25, 16, 64)
+    assert got == ("some/model", "loraprune", 0.25, 16, 64)
     assert config.sparsity == 0.25 and config.batch_size == 2 and config.ignore == ("model.layers.0.*",)
     assert opts.to_recipe()["set"] == {"batch_size": 2}
     # a --set on the command line wins over the recipe's

@@ -67,3 +67,33 @@ def test_magnitude_20_save_reload_stock(smollm2, tmp_path, shared_data) -> None:
     ppl = perplexity(reloaded, ids)
     assert math.isfinite(ppl)
     assert ppl == pytest.approx(perplexity(model, ids), rel=1e-5)
+
+
+def test_smollm2_offloaded_sequential_plans_equal_whole(smollm2, shared_data) -> None:
+    """FLAP, CFSP and wanda-sp make the same plan from the whole model in memory and from the
+    blocks read one at a time from the checkpoint files (layer-sequential)."""
+    from prunecli.calibrate import Runner
+    from prunecli.calibrate.offload import build_graph_offloaded
+    from prunecli.data import calibration_windows
+    from prunecli.graph import build_graph
+    from prunecli.methods.cfsp import CfspConfig, prune_cfsp
+    from prunecli.methods.flap import FlapConfig, prune_flap
+    from prunecli.methods.wanda_sp import WandaSpConfig, prune_wanda_sp
+    from prunecli.models import load_model
+
+    calib = calibration_windows(smollm2.tokenizer, shared_data / "austen_emma.txt", nsamples=16, seqlen=128)
+    graph = build_graph(smollm2.model)
+    streamed = load_model("smollm2-135m", offload=True)
+    assert streamed.weights is not None
+    sgraph = build_graph_offloaded(streamed.model, streamed.weights)
+    assert sgraph.fingerprint == graph.fingerprint
+    runner = Runner(mode="sequential", weights=streamed.weights)
+    for fn, cfg in (
+        (prune_flap, FlapConfig(sparsity=0.5)),
+        (prune_cfsp, CfspConfig(sparsity=0.5)),
+        (prune_wanda_sp, WandaSpConfig(sparsity=0.5)),
+    ):
+        whole = fn(smollm2.model, graph, cfg, calib)
+        seq = fn(streamed.model, sgraph, cfg, calib, runner=runner)
+        assert seq.removals == whole.removals, cfg.method
+        assert seq.bias_updates == whole.bias_updates, cfg.method

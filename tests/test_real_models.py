@@ -142,3 +142,17 @@ def test_minilm_head_pruning_reloads_with_equal_outputs(minilm, tmp_path) -> Non
         b = back(**ids).last_hidden_state
     torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     assert math.isfinite(float(b.abs().sum()))
+
+
+def test_gemma3_sequential_plan_equals_whole(gemma3, gemma3_graph, shared_data) -> None:
+    """Sliding and global layers get their own masks and rotary tables in layer-sequential mode."""
+    from prunecli.calibrate import Runner
+    from prunecli.data import calibration_windows
+    from prunecli.methods.flap import FlapConfig, prune_flap
+
+    calib = calibration_windows(gemma3.tokenizer, shared_data / "austen_emma.txt", nsamples=8, seqlen=128)
+    cfg = FlapConfig(sparsity=0.2)
+    whole = prune_flap(gemma3.model, gemma3_graph, cfg, calib, runner=Runner(mode="whole"))
+    seq = prune_flap(gemma3.model, gemma3_graph, cfg, calib, runner=Runner(mode="sequential"))
+    assert seq.removals == whole.removals
+    assert seq.bias_updates == whole.bias_updates

@@ -295,9 +295,37 @@ def _finish(row: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- sections
 
 
+_FORWARD = """
+import json, sys, time, torch
+from prunecli import calibration_windows, load_model
+from prunecli.calibrate import BATCH_TOKENS
+model, calib, n, seqlen = sys.argv[1], sys.argv[2] or None, int(sys.argv[3]), int(sys.argv[4])
+lm = load_model(model)
+ids = calibration_windows(lm.tokenizer, calib, nsamples=n, seqlen=seqlen, seed=0)
+bw = max(1, BATCH_TOKENS // seqlen)
+t = time.perf_counter()
+with torch.no_grad():
+    for i in range(0, ids.shape[0], bw):
+        lm.model(input_ids=ids[i : i + bw], use_cache=False)
+print(json.dumps({"forward_s": time.perf_counter() - t, "tokens": int(ids.numel())}))
+"""
+
+
+def dense_forward(args: argparse.Namespace) -> dict[str, Any]:
+    """One dense forward pass (logits included) over the calibration windows, batched as the runner does."""
+    cmd = [sys.executable, "-c", _FORWARD, args.model, args.calib or "", str(args.nsamples), str(args.seqlen)]
+    r = measure(cmd, env=child_env(args.threads), timeout=args.timeout)
+    if r["returncode"]:
+        raise SectionError(f"dense forward pass failed: {_last_line(r['stderr'])}")
+    return json.loads(r["stdout"].strip().splitlines()[-1])
+
+
 def section_sequential(args: argparse.Namespace, base: dict[str, Any], options: set[str]) -> list[dict]:
     require(options, "sequential", [f for _, flags in SEQUENTIAL_MODES for f in flags if f.startswith("--")])
     rows = []
+    forward = dense_forward(args)
+    print(f"  dense forward over the calibration tokens: {forward['forward_s']:.1f} s", flush=True)
+    rows.append({"method": "(dense forward)", "mode": "whole-model", "prune_s": forward["forward_s"]})
     with tempfile.TemporaryDirectory(dir=args.scratch) as tmp:
         for method in ("flap", "cfsp"):
             ref = None
@@ -305,11 +333,15 @@ def section_sequential(args: argparse.Namespace, base: dict[str, Any], options: 
                 row = compress(args.model, method, Path(tmp) / f"{method}-{mode}", flags, args)
                 row.update(model=args.model, method=method, mode=mode)
                 if "error" not in row:
+                    row["prune_s"] = (row.get("seconds") or {}).get("prune")
+                    if row["prune_s"] is not None:
+                        row["prune_over_forward"] = row["prune_s"] / forward["forward_s"]
                     if ref is None:
                         ref = row
                     else:
                         row.update(compare_plans(ref["plan"], row["plan"]))
                         row["same_calib"] = row["calib_hash"] == ref["calib_hash"]
+                        row["wall_over_whole"] = row["wall_s"] / ref["wall_s"]
                 rows.append(row)
             for row in rows[-2:]:
                 _finish(row, base)
@@ -416,6 +448,9 @@ COLUMNS = {
         ("method", "method", ""),
         ("mode", "mode", ""),
         ("wall_s", "wall s", ".1f"),
+        ("wall_over_whole", "wall / whole", ".2f"),
+        ("prune_s", "prune s", ".1f"),
+        ("prune_over_forward", "prune / dense fwd", ".2f"),
         ("peak_rss_mb", "peak MiB", ".0f"),
         ("over_baseline_mb", "over baseline MiB", ".0f"),
         ("units_removed", "units removed", ","),

@@ -51,7 +51,8 @@ def unit_weight_norms(model: nn.Module, group: Group, params: Mapping[str, Tenso
 
 
 def unit_sums(values: Tensor, index: list[list[int]]) -> Tensor:
-    """``out[u] = values[index[u]].sum()`` for every unit, in one scatter."""
+    """``out[u] = values[index[u]].sum()`` for every unit, in one scatter (on the CPU)."""
+    values = values.detach().cpu()
     lengths = torch.tensor([len(ix) for ix in index], dtype=torch.long)
     owner = torch.repeat_interleave(torch.arange(len(index)), lengths)
     flat = torch.tensor(list(itertools.chain.from_iterable(index)), dtype=torch.long)

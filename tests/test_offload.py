@@ -140,3 +140,16 @@ def test_cli_offloaded_refuses_recovery(tiny_llama_dir: Path, tiny_text_file: Pa
         ],
     )  # fmt: skip
     assert result.exit_code == 2 and "--recover-steps" in result.output
+
+
+def test_recipe_carries_the_memory_options(tmp_path: Path) -> None:
+    from prunecli.cli._recipe import load_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: m\nmethod: flap\nsparsity: 0.5\nsequential: true\nmax-memory: 5GB\n")
+    assert load_recipe(recipe) == {
+        "model": "m", "method": "flap", "sparsity": 0.5, "sequential": True, "max_memory": "5GB",
+    }  # fmt: skip
+    recipe.write_text("sequential: 3\n")
+    with pytest.raises(InputError, match="sequential"):
+        load_recipe(recipe)

@@ -33,6 +33,8 @@ RECIPE_KEYS: dict[str, tuple[type, ...]] = {
     "dtype": (str,),
     "device": (str,),
     "nproc": (int,),
+    "sequential": (bool,),
+    "max_memory": (str, int),
 }
 # Options that must be typed on the command line, never taken from a file someone sent you.
 COMMAND_LINE_ONLY = ("allow_pickle", "trust_remote_code", "overwrite", "json", "quiet", "recipe")
@@ -84,7 +86,7 @@ def load_recipe(path: Path) -> dict[str, Any]:
         if value is None:
             continue
         allowed = RECIPE_KEYS[key]
-        if isinstance(value, bool) or not isinstance(value, allowed):
+        if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
             names = " or ".join(t.__name__ for t in allowed)
             raise InputError(f"recipe {path}: {key!r} must be {names}, got {value!r}")
         if key == "ignore":

@@ -153,3 +153,14 @@ def test_recipe_carries_the_memory_options(tmp_path: Path) -> None:
     recipe.write_text("sequential: 3\n")
     with pytest.raises(InputError, match="sequential"):
         load_recipe(recipe)
+
+
+def test_offloaded_pruned_propagation_matches_in_memory(tmp_path: Path) -> None:
+    model = tiny_model("llama", num_hidden_layers=3)
+    model.save_pretrained(tmp_path / "dense")
+    calib = torch.randint(1, 128, (6, 16), generator=torch.Generator().manual_seed(0))
+    config = WandaSpConfig(sparsity=0.4, propagation="pruned")
+    ref = prune(model, config, calib)
+    streamed, weights = load_offloaded(tmp_path / "dense", dtype=torch.float32)
+    res = prune(streamed, config, calib, runner=Runner(mode="sequential", weights=weights))
+    assert res.plan.removals == ref.plan.removals

@@ -36,10 +36,14 @@ def test_channel_stats_match_numpy():
     s.update(torch.from_numpy(x))
     flat = x.reshape(-1, 6).astype(np.float64)
     assert s.count == 200
-    np.testing.assert_allclose(s.mean.numpy(), flat.mean(0), rtol=1e-12)
-    np.testing.assert_allclose(s.var.numpy(), flat.var(0, ddof=1), rtol=1e-12)
-    np.testing.assert_allclose(s.mean_sq.numpy(), (flat**2).mean(0), rtol=1e-12)
+    # a float32 batch is reduced in float32 (pairwise sums), the totals are float64
+    np.testing.assert_allclose(s.mean.numpy(), flat.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(s.var.numpy(), flat.var(0, ddof=1), rtol=1e-6)
+    np.testing.assert_allclose(s.mean_sq.numpy(), (flat**2).mean(0), rtol=1e-6)
     assert s.mean.dtype == torch.float64
+    exact = ChannelStats(6)
+    exact.update(torch.from_numpy(flat))  # float64 input: float64 throughout
+    np.testing.assert_allclose(exact.var.numpy(), flat.var(0, ddof=1), rtol=1e-12)
 
 
 @pytest.mark.parametrize("batch", [1, 7, 97])
@@ -262,7 +266,7 @@ def test_bias_compensation_is_exact_for_constant_inputs():
     stats = collect_stats(model, modules, calib, Runner(batch_tokens=4 * 24))
     assert stats[modules[0]].count == 6 * 24
     assert float(stats[modules[0]].var[:32].max()) < 1e-10  # constant head outputs
-    assert float(stats[modules[1]].var[[3, 10, 50]].max()) == 0.0
+    assert float(stats[modules[1]].var[[3, 10, 50]].max()) < 1e-10  # constant channels
     deltas = compensation(model, graph.groups, removals, stats)
     assert set(deltas) == set(modules)
 

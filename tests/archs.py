@@ -193,3 +193,16 @@ def mobile_cnn(seed: int = 0) -> nn.Module:
 
 
 ALL = [*DECODERS, "gpt2", "opt", "bert", "vit"]
+
+
+def block_observations(model: nn.Module) -> list:
+    """Every linear inside a block (input moments, output sums of squares) and every block's angle."""
+    from prunecli.calibrate import Observe
+
+    reqs = []
+    for name, mod in model.named_modules():
+        if ".layers." in name and isinstance(mod, nn.Linear):
+            reqs += [Observe(name, "moments"), Observe(name, "sumsq", "output")]
+        if name.count(".") == 2 and name.split(".")[1] == "layers":
+            reqs.append(Observe(name, "angular", "block"))
+    return reqs

@@ -110,6 +110,25 @@ def tiny_tokenizer():
     return build_tiny_tokenizer()
 
 
+def save_tiny_bf16_llama(folder: Path, vocab_size: int = 96) -> Path:
+    """A random LlamaForCausalLM (hidden 32, 2 layers, no tokenizer) saved in bfloat16."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder with a saved tiny random Llama (safetensors + config.json) and its tokenizer.

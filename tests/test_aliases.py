@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import save_tiny_bf16_llama
 from typer.testing import CliRunner
 
 from prunecli.cli import app
@@ -43,24 +44,6 @@ def fake_snapshot(cache: Path, repo_id: str) -> Path:
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
     return snapshot
-
-
-def save_tiny_bf16_llama(folder: Path) -> None:
-    """A random LlamaForCausalLM (hidden 32, 2 layers) saved in bfloat16."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
 
 
 def test_every_hub_alias_is_a_well_formed_hub_id() -> None:
@@ -178,7 +161,7 @@ def test_cached_hub_alias_is_listed_and_loads_offline_in_its_dtype(hf_cache: Pat
     snapshot = fake_snapshot(hf_cache, "huggyllama/llama-7b")
     (snapshot / "config.json").write_text("{}")
     assert not hub_cached("huggyllama/llama-7b")  # a config alone is not a downloaded model
-    save_tiny_bf16_llama(snapshot)
+    save_tiny_bf16_llama(snapshot, vocab_size=64)
     assert hub_cached("huggyllama/llama-7b")
     row = next(r for r in list_aliases() if r["name"] == "llama-7b")
     assert row["available"] and row["cached"]

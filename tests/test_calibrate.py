@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from archs import DECODERS, tiny_config, tiny_model
+from archs import DECODERS, block_observations, tiny_config, tiny_model
 from torch import nn
 
 from prunecli.calibrate import AngularDistance, ChannelStats, Observe, Runner, SumSquares
@@ -61,7 +61,7 @@ def test_sum_squares_and_angular_merge() -> None:
     assert AngularDistance.from_state(a1.state()).mean == pytest.approx(a1.mean)
 
 
-def test_observe_validates_requests() -> None:
+def test_observe_validatesblock_observations() -> None:
     with pytest.raises(InputError):
         Observe("x", stat="nope")
     with pytest.raises(InputError):
@@ -71,17 +71,6 @@ def test_observe_validates_requests() -> None:
 
 
 # ---------------------------------------------------------------- whole vs sequential
-
-
-def _requests(model: nn.Module) -> list[Observe]:
-    """Every linear inside a block (input moments and output sums of squares) and every block."""
-    reqs = []
-    for name, mod in model.named_modules():
-        if ".layers." in name and isinstance(mod, nn.Linear):
-            reqs += [Observe(name, "moments"), Observe(name, "sumsq", "output")]
-        if name.count(".") == 2 and name.split(".")[1] == "layers":
-            reqs.append(Observe(name, "angular", "block"))
-    return reqs
 
 
 @pytest.mark.parametrize("arch", sorted(DECODERS))
@@ -100,7 +89,7 @@ def test_sequential_statistics_equal_whole_model(arch: str) -> None:
             overrides["use_sliding_window"] = True
     model = tiny_model(arch, **overrides)
     before = copy.deepcopy(model.state_dict())
-    reqs = _requests(model)
+    reqs = block_observations(model)
     calib = _calib()
     whole = Runner(mode="whole", batch_tokens=24).observe(model, reqs, calib)
     seq_runner = Runner(mode="sequential", batch_tokens=24)

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from archs import tiny_model
+from archs import block_observations, tiny_model
 from torch import nn
 
 from prunecli.api import prune
@@ -63,17 +63,6 @@ def _model() -> nn.Module:
     return tiny_model("llama", seed=0, num_hidden_layers=3)
 
 
-def _requests(model: nn.Module) -> list[Observe]:
-    """Input moments and output sums of squares of every linear in a block, and every block's angle."""
-    reqs = []
-    for name, mod in model.named_modules():
-        if ".layers." in name and isinstance(mod, nn.Linear):
-            reqs += [Observe(name, "moments"), Observe(name, "sumsq", "output")]
-        if name.count(".") == 2 and name.split(".")[1] == "layers":
-            reqs.append(Observe(name, "angular", "block"))
-    return reqs
-
-
 def _key(r: Observe) -> str:
     return f"{r.module}|{r.stat}|{r.site}"
 
@@ -89,7 +78,7 @@ def _results() -> dict[str, Any]:
     # the library's verb, on a fresh copy (it prunes in place)
     result = prune(_model(), CONFIGS["flap-al-am"], _calib(), runner=Runner(batch_tokens=BATCH_TOKENS))
     out["plans"]["api"] = {"removals": result.plan.removals, "bias_updates": result.plan.bias_updates}
-    reqs = _requests(model)
+    reqs = block_observations(model)
     for mode, n, seqlen in STAT_CASES:
         runner = Runner(mode=mode, batch_tokens=BATCH_TOKENS)
         obs = runner.observe(model, reqs, _calib(n, seqlen))

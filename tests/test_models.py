@@ -107,22 +107,9 @@ def test_resolve_dtype_auto():
 @pytest.fixture(scope="module")
 def tiny_bf16_dir(tmp_path_factory) -> Path:
     """A tiny random Llama (hidden 32, 2 layers) saved in bfloat16, without a tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import save_tiny_bf16_llama
 
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-bf16")
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
-    return path
+    return save_tiny_bf16_llama(tmp_path_factory.mktemp("tiny-bf16"))
 
 
 def test_dtype_auto_keeps_the_checkpoint_dtype(tiny_bf16_dir, tiny_llama_dir, tmp_path):

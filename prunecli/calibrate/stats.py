@@ -178,15 +178,8 @@ class ChannelStats(Accumulator):
         return self._mean.square() + self._m2 / self._count
 
 
-class SumSquares(Accumulator):
-    """Token count and per-channel sum of squares ``sum_t x_tj^2``.
-
-    Example:
-        >>> s = SumSquares()
-        >>> s.update(torch.tensor([[1.0, 2.0], [3.0, 0.0]]))
-        >>> s.sum_sq.tolist(), s.count, s.rms.tolist()[1]
-        ([10.0, 4.0], 2, 1.4142135623730951)
-    """
+class _Sums(Accumulator):
+    """A count and a summed tensor: merging adds both (the summed accumulators share this)."""
 
     def __init__(self) -> None:
         self._count = 0
@@ -196,33 +189,46 @@ class SumSquares(Accumulator):
     def count(self) -> int:
         return self._count
 
-    @torch.no_grad()
-    def update(self, x: Tensor) -> None:
-        """Add every row of ``x`` (``[..., C]``)."""
-        xb = _rows(x, None if self._sum is None else self._sum.shape[0])
-        s = (xb * xb).sum(dim=0).to(acc_dtype(xb.device))
-        self._sum = s if self._sum is None else self._sum + s.to(self._sum)
-        self._count += xb.shape[0]
+    def _add(self, total: Tensor, count: int) -> None:
+        self._sum = total if self._sum is None else self._sum + total.to(self._sum)
+        self._count += count
 
     def merge(self, other: Accumulator) -> None:
-        if not isinstance(other, SumSquares):
-            raise TypeError(f"cannot merge {type(other).__name__} into SumSquares")
-        if other._sum is None:
-            return
-        self._sum = other._sum.clone() if self._sum is None else self._sum + other._sum.to(self._sum)
-        self._count += other._count
+        if type(other) is not type(self):
+            raise TypeError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
+        assert isinstance(other, _Sums)
+        if other._sum is not None:
+            self._add(other._sum.clone(), other._count)
 
     def state(self) -> list[Tensor]:
         if self._sum is None:
             return [torch.tensor([0.0], dtype=torch.float64)]
-        return [torch.tensor([float(self._count)], dtype=self._sum.dtype, device=self._sum.device), self._sum]
+        count = torch.tensor([float(self._count)], dtype=self._sum.dtype, device=self._sum.device)
+        return [count, self._sum.reshape(-1)]
 
     @classmethod
-    def from_state(cls, state: list[Tensor]) -> SumSquares:
+    def from_state(cls, state: list[Tensor]) -> _Sums:
         s = cls()
         if len(state) == 2 and int(state[0].item()) > 0:
-            s._count, s._sum = int(state[0].item()), state[1].clone()
+            s._add(state[1].clone(), int(state[0].item()))
         return s
+
+
+class SumSquares(_Sums):
+    """Token count and per-channel sum of squares ``sum_t x_tj^2``.
+
+    Example:
+        >>> s = SumSquares()
+        >>> s.update(torch.tensor([[1.0, 2.0], [3.0, 0.0]]))
+        >>> s.sum_sq.tolist(), s.count, s.rms.tolist()[1]
+        ([10.0, 4.0], 2, 1.4142135623730951)
+    """
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        """Add every row of ``x`` (``[..., C]``)."""
+        xb = _rows(x, None if self._sum is None else self._sum.shape[0])
+        self._add((xb * xb).sum(dim=0).to(acc_dtype(xb.device)), xb.shape[0])
 
     @property
     def sum_sq(self) -> Tensor:
@@ -262,46 +268,14 @@ def angular_distance(x_in: Tensor, x_out: Tensor) -> Tensor:
     return torch.arccos(cos) / math.pi
 
 
-class AngularDistance(Accumulator):
+class AngularDistance(_Sums):
     """Mean angular distance between a block's input and output over all tokens."""
-
-    def __init__(self) -> None:
-        self._count = 0
-        self._sum: Tensor | None = None
-
-    @property
-    def count(self) -> int:
-        return self._count
 
     @torch.no_grad()
     def update(self, x_in: Tensor, x_out: Tensor) -> None:
         """Add the tokens of one batch (``[..., d]`` input and output hidden states)."""
-        d = angular_distance(x_in.detach(), x_out.detach()).sum()
-        self._sum = d if self._sum is None else self._sum + d.to(self._sum)
-        self._count += int(x_in[..., 0].numel())
-
-    def merge(self, other: Accumulator) -> None:
-        if not isinstance(other, AngularDistance):
-            raise TypeError(f"cannot merge {type(other).__name__} into AngularDistance")
-        if other._sum is None:
-            return
-        self._sum = other._sum.clone() if self._sum is None else self._sum + other._sum.to(self._sum)
-        self._count += other._count
-
-    def state(self) -> list[Tensor]:
-        if self._sum is None:
-            return [torch.tensor([0.0], dtype=torch.float64)]
-        return [
-            torch.tensor([float(self._count)], dtype=self._sum.dtype, device=self._sum.device),
-            self._sum.reshape(1),
-        ]
-
-    @classmethod
-    def from_state(cls, state: list[Tensor]) -> AngularDistance:
-        s = cls()
-        if len(state) == 2 and int(state[0].item()) > 0:
-            s._count, s._sum = int(state[0].item()), state[1].reshape(()).clone()
-        return s
+        d = angular_distance(x_in.detach(), x_out.detach()).sum().reshape(1)
+        self._add(d, int(x_in[..., 0].numel()))
 
     @property
     def mean(self) -> float:

@@ -8,9 +8,12 @@ Usage (each section alone, or several with a comma list; results are merged into
 
 Sections:
 
-- ``sequential``: SmolLM2-135M, FLAP and CFSP at sparsity 0.5, whole-model calibration vs
-  ``--sequential``. The two plans must be identical (full removal lists from the saved
-  ``prunecli.json``; FLAP's bias-compensation vectors are compared too, as a max difference).
+- ``sequential``: SmolLM2-135M, FLAP, CFSP and wanda-sp at sparsity 0.5, whole-model
+  calibration vs ``--sequential``. The two plans must be identical (full removal lists from
+  the saved ``prunecli.json``; FLAP's bias-compensation vectors are compared too, as a max
+  difference). A first row times one dense forward pass (logits included) over the same
+  calibration tokens in the runner's batches; "prune / dense fwd" divides each run's prune
+  time (graph tracing, calibration, selection, removal) by it.
 - ``llama7b``: a random-weight Llama with Llama-7B's shapes (13.5 GB of bfloat16, built by
   ``make_random_llama.py`` when the folder is missing), FLAP at 0.5 with 16 x 128 calibration
   tokens, ``--sequential --dtype auto`` (and ``--max-memory SIZE`` with ``--max-memory``).
@@ -327,7 +330,7 @@ def section_sequential(args: argparse.Namespace, base: dict[str, Any], options: 
     print(f"  dense forward over the calibration tokens: {forward['forward_s']:.1f} s", flush=True)
     rows.append({"method": "(dense forward)", "mode": "whole-model", "prune_s": forward["forward_s"]})
     with tempfile.TemporaryDirectory(dir=args.scratch) as tmp:
-        for method in ("flap", "cfsp"):
+        for method in ("flap", "cfsp", "wanda-sp"):
             ref = None
             for mode, flags in SEQUENTIAL_MODES:
                 row = compress(args.model, method, Path(tmp) / f"{method}-{mode}", flags, args)

@@ -7,6 +7,14 @@ transformers model classes)::
     loaded = prunecli.load_model("smollm2-135m")
     calib = prunecli.calibration_windows(loaded.tokenizer, "emma.txt", nsamples=128, seqlen=128)
     result = prunecli.prune(loaded.model, prunecli.FlapConfig(sparsity=0.2), calib)
+
+A model larger than memory, layer by layer, its blocks read from the checkpoint files::
+
+    loaded = prunecli.load_model("path/to/llama-7b", offload=True)
+    runner = prunecli.Runner(mode="sequential", weights=loaded.weights)
+    result = prunecli.prune(loaded.model, prunecli.FlapConfig(sparsity=0.5), calib, runner=runner)
+    prunecli.save_checkpoint(loaded.model, loaded.tokenizer, "out", provenance=result.to_dict(),
+                             weights=loaded.weights)
 """
 
 from __future__ import annotations
@@ -36,6 +44,9 @@ _LAZY = {
     "CfspConfig": "prunecli.methods.cfsp",
     "LorapruneConfig": "prunecli.methods.loraprune",
     "recover": "prunecli.recover",
+    "Runner": "prunecli.calibrate",
+    "Observe": "prunecli.calibrate",
+    "plan_memory": "prunecli.calibrate.memory",
 }
 
 __all__ = ["__version__", *_LAZY]

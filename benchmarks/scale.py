@@ -240,6 +240,9 @@ def compress(
         row["error"] = "the --json report is not valid JSON: " + _last_line(r["stdout"])
         return row
     row["seconds"] = report.get("seconds")
+    memory = report.get("memory") or {}
+    row["chosen"] = f"{memory.get('mode', '?')}{' offloaded' if memory.get('offload') else ''}"
+    row["memory_reason"] = memory.get("reason")
     row["calib_hash"] = (report.get("calibration") or {}).get("hash")
     row["units_removed"] = (report.get("plan") or {}).get("units_removed")
     row["sparsity_blocks"] = (report.get("sparsity") or {}).get("blocks")
@@ -408,7 +411,8 @@ def ensure_random_llama(folder: Path) -> dict[str, Any]:
 def section_llama7b(args: argparse.Namespace, base: dict[str, Any], options: set[str]) -> list[dict]:
     modes = [("sequential", LLAMA7B_FLAGS)]
     if args.max_memory:
-        modes.append((f"max-memory {args.max_memory}", [*LLAMA7B_FLAGS, "--max-memory", args.max_memory]))
+        # no --sequential: prunecli chooses the mode from the bound (the report says which)
+        modes.append((f"--max-memory {args.max_memory}", ["--dtype", "auto", "--max-memory", args.max_memory]))
     require(options, "llama7b", sorted({f for _, flags in modes for f in flags if f.startswith("--")}))
     folder = Path(args.llama_dir).expanduser().resolve()
     build = ensure_random_llama(folder)
@@ -462,6 +466,7 @@ COLUMNS = {
     ],
     "llama7b": [
         ("mode", "mode", ""),
+        ("chosen", "calibration", ""),
         ("wall_s", "wall s", ".0f"),
         ("peak_rss_mb", "peak MiB", ".0f"),
         ("over_baseline_mb", "over baseline MiB", ".0f"),

@@ -108,6 +108,7 @@ def prune(
     graph: DependencyGraph | None = None,
     progress: Progress | None = None,
     runner: Runner | None = None,
+    refit: bool = False,
 ) -> PruneResult:
     """Prune ``model`` in place with the method that ``config`` names.
 
@@ -119,6 +120,8 @@ def prune(
         progress: progress reporter.
         runner: the calibration runner (:class:`prunecli.calibrate.Runner`): whole-model or
             layer-sequential, offloaded weights, data-parallel; default whole-model.
+        refit: after the method has chosen, refit every projection that loses input columns
+            by least squares on ``calib`` (:mod:`prunecli.refit`); works with every method.
 
     Returns:
         A :class:`PruneResult`. When the removed share of all attention + MLP parameters
@@ -139,6 +142,8 @@ def prune(
     _, fn = get_method(config.method)
     if config.needs_data and calib is None:
         raise DataError(f"method {config.method!r} needs calibration data", hint="pass --calib FILE")
+    if refit and calib is None:
+        raise DataError("refit needs calibration data", hint="pass calibration windows (--calib FILE)")
     if calib is not None and (calib.dtype != torch.long or calib.dim() != 2):
         raise DataError("calibration data must be a LongTensor of token windows [n, seqlen]")
     seconds: dict[str, float] = {}
@@ -171,6 +176,13 @@ def prune(
             kwargs["runner"] = runner or Runner()
         plan = fn(model, graph, config, calib, **kwargs)
     seconds["score"] = time.perf_counter() - t1
+    if refit:
+        from prunecli.refit import refit_plan
+
+        t_refit = time.perf_counter()
+        with torch.no_grad():
+            refit_plan(model, graph, plan, calib, runner=runner, progress=progress)
+        seconds["refit"] = time.perf_counter() - t_refit
     plan.fingerprint = graph.fingerprint
     plan.meta.update({"method": config.method, "config": config.to_dict()})
     t2 = time.perf_counter()

@@ -285,9 +285,46 @@ class AngularDistance(_Sums):
         return float(self._sum) / self._count
 
 
+class Gram(_Sums):
+    """Token count and the Gram matrix ``[x, 1]^T [x, 1]`` of the inputs augmented with a 1.
+
+    The last row and column hold the per-channel sums and the token count, so a bias can be
+    refitted together with the weights (:mod:`prunecli.refit`). Each batch's product is
+    computed in float32 (float64 inputs stay float64) and added to float64 totals.
+
+    Example:
+        >>> g = Gram()
+        >>> g.update(torch.tensor([[1.0, 2.0], [3.0, 0.0]]))
+        >>> g.matrix.tolist()
+        [[10.0, 2.0, 4.0], [2.0, 4.0, 2.0], [4.0, 2.0, 2.0]]
+    """
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        """Add every row of ``x`` (``[..., C]``)."""
+        xb = _rows(x, None if self._sum is None else self.channels)
+        aug = torch.cat([xb, torch.ones(xb.shape[0], 1, dtype=xb.dtype, device=xb.device)], dim=1)
+        self._add((aug.T @ aug).to(acc_dtype(xb.device)).reshape(-1), xb.shape[0])
+
+    @property
+    def channels(self) -> int:
+        """Input channels ``C`` (the matrix is ``C + 1`` square)."""
+        if self._sum is None:
+            raise ValueError("no samples were observed")
+        return math.isqrt(self._sum.numel()) - 1
+
+    @property
+    def matrix(self) -> Tensor:
+        """``[C + 1, C + 1]`` summed Gram matrix of the augmented inputs."""
+        n = self.channels + 1
+        assert self._sum is not None
+        return self._sum.reshape(n, n).clone()
+
+
 #: statistic name (as methods request it) -> accumulator class
 STATISTICS: dict[str, type[Accumulator]] = {
     "moments": ChannelStats,
     "sumsq": SumSquares,
     "angular": AngularDistance,
+    "gram": Gram,
 }

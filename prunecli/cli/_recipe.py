@@ -34,6 +34,7 @@ RECIPE_KEYS: dict[str, tuple[type, ...]] = {
     "device": (str,),
     "nproc": (int,),
     "sequential": (bool,),
+    "refit": (bool,),
     "max_memory": (str, int),
 }
 # Options that must be typed on the command line, never taken from a file someone sent you.

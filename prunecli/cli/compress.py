@@ -72,6 +72,7 @@ class CompressOptions:
     verify: bool = True
     sequential: bool = False
     max_memory: str | None = None
+    refit: bool = False
     nproc: int = 1
 
     def to_recipe(self) -> dict[str, Any]:
@@ -171,6 +172,15 @@ def compress(
         ),
     ] = False,
     no_verify: NoVerifyOpt = False,
+    refit: Annotated[
+        bool,
+        typer.Option(
+            "--refit",
+            help="After the method chooses, refit every projection that loses input columns by least "
+            "squares on the calibration tokens (weights and bias; works with every method).",
+            rich_help_panel=METHOD_PANEL,
+        ),
+    ] = False,
     sequential: Annotated[
         bool,
         typer.Option(
@@ -342,6 +352,7 @@ def compress(
         "verify": not no_verify,
         "sequential": sequential,
         "max_memory": max_memory,
+        "refit": refit,
         "nproc": nproc,
     }
     param_names = {"set": "set_", "verify": "no_verify"}
@@ -529,13 +540,18 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
     check_processes(opts.method, opts.recover_steps, distributed.env_world_size())
     if int(os.environ.get("RANK", "0") or 0) > 0:
         out = Output(quiet=True)
-    if opts.calib is not None and not config.needs_data:
+    if opts.calib is not None and not config.needs_data and not opts.refit:
         out.warn(f"method {opts.method!r} uses no calibration data; --calib is ignored")
     if opts.eval_data is not None and opts.calib is not None and opts.eval_data == opts.calib:
         out.warn("calibrating and evaluating on the same text makes the perplexity look better than it is")
 
     memory = choose_memory_plan(opts, config)
     if memory is not None and memory.offload:
+        if opts.refit:
+            raise InputError(
+                f"--refit rewrites the projections, which are not in memory in this run ({memory.reason})",
+                hint="drop --refit, or run where the model fits (without --sequential / --max-memory)",
+            )
         if opts.recover_steps:
             raise InputError(
                 "--recover-steps fine-tunes the whole model, which is not in memory in this run "
@@ -566,7 +582,7 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
 
         calib = None
         calibration: dict[str, Any] | None = None
-        if config.needs_data:
+        if config.needs_data or opts.refit:
             t = time.perf_counter()
             calib = calibration_windows(
                 tokenizer,
@@ -612,7 +628,7 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
                 device=opts.device,
                 weights=loaded.weights,
             )
-            result = prune(model, config, calib=calib, progress=progress, runner=runner)
+            result = prune(model, config, calib=calib, progress=progress, runner=runner, refit=opts.refit)
         seconds["prune"] = time.perf_counter() - t
         for message in result.warnings:
             out.warn(message)
@@ -650,6 +666,7 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
             "config": config.to_dict(),
             "calibration": calibration,
             "memory": _memory_section(memory, runner),
+            "refit": result.plan.meta.get("refit"),
             "params": _params_section(params_before, params_after, summary),
             "sparsity": {},
             "perplexity": _perplexity_section(opts, windows, ppl_before, ppl_after),
@@ -890,6 +907,14 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
     console.print(
         f"removed {plan['units_removed']:,} units from {plan['groups_pruned']} groups", highlight=False
     )
+    refit = report.get("refit") or {}
+    if refit.get("modules"):
+        base = min(refit["error_removed"], refit["error_bias"]) or 1.0
+        console.print(
+            f"refit {refit['modules']} projections by least squares: calibration error "
+            f"{refit['error_refit'] / base:.1%} of the best of removal and bias compensation",
+            highlight=False,
+        )
     memory = report.get("memory") or {}
     if memory.get("mode") == "sequential" or memory.get("reason", "").startswith("the whole model needs"):
         how = "layer by layer" + (

@@ -30,7 +30,7 @@ import common  # noqa: E402
 PAPER_RATIO = {0.2: 14.62 / 12.62, 0.5: 31.80 / 12.62}
 
 
-def _prunecli_row(method: str, extra: dict[str, Any] | None = None, recover: bool = False):
+def _prunecli_row(method: str, extra: dict[str, Any] | None = None, recover: bool = False, refit: bool = False):
     def row(sparsity: float, args: dict[str, Any]) -> dict[str, Any]:
         from prunecli.api import prune
         from prunecli.config import get_method
@@ -43,7 +43,7 @@ def _prunecli_row(method: str, extra: dict[str, Any] | None = None, recover: boo
             options.update(args["loraprune"])
         cfg = cls(**options)
         t = time.perf_counter()
-        result = prune(loaded.model, cfg, data["calib"] if cfg.needs_data else None)
+        result = prune(loaded.model, cfg, data["calib"] if cfg.needs_data or refit else None, refit=refit)
         seconds = time.perf_counter() - t
         out = {}
         if recover:
@@ -168,6 +168,10 @@ ROWS = {
     "loraprune": _prunecli_row("loraprune"),
     "flap+recovery": _prunecli_row("flap", recover=True),
     "cfsp+recovery": _prunecli_row("cfsp", recover=True),
+    "flap+refit": _prunecli_row("flap", refit=True),
+    "cfsp+refit": _prunecli_row("cfsp", refit=True),
+    "wanda-sp+refit": _prunecli_row("wanda-sp", refit=True),
+    "magnitude+refit": _prunecli_row("magnitude", refit=True),
 }
 DEFAULT_ROWS = "dense,flap,wanda-sp,magnitude,random,tp-magnitude,tp-taylor"
 

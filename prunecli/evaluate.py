@@ -44,6 +44,7 @@ def perplexity(
     *,
     batch_size: int = 1,
     progress: Progress | None = None,
+    runner: Any = None,
 ) -> float:
     """Causal-LM perplexity over token windows.
 
@@ -54,6 +55,9 @@ def perplexity(
             ``1..seqlen-1`` from its own prefix.
         batch_size: windows per forward pass; the result does not depend on it.
         progress: reports one step per batch.
+        runner: a :class:`prunecli.calibrate.Runner` with offloaded weights: the model's blocks
+            are then run one at a time (:meth:`~prunecli.calibrate.Runner.logits`), for a model
+            that is never whole in memory.
 
     Returns:
         ``exp(total NLL / total predicted tokens)``; the model is put in eval mode for the call
@@ -61,9 +65,20 @@ def perplexity(
     """
     _check_windows(windows)
     _check_positive("batch_size", batch_size)
-    device = _device(model)
     n, seqlen = windows.shape
     total_nll = torch.zeros((), dtype=torch.float64)
+    if runner is not None and getattr(runner, "weights", None) is not None:
+        with _eval_mode(model):
+            for ids, logits in runner.logits(model, windows.long(), progress=progress):
+                ids = ids.to(logits.device)
+                nll = F.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                    ids[:, 1:].reshape(-1),
+                    reduction="none",
+                )
+                total_nll += nll.double().sum().cpu()
+        return math.exp(total_nll.item() / (n * (seqlen - 1)))
+    device = _device(model)
     n_batches = math.ceil(n / batch_size)
     with (
         _eval_mode(model),
@@ -187,6 +202,7 @@ def evaluate(
     measure_throughput: bool = True,
     throughput_repeats: int = 3,
     progress: Progress | None = None,
+    runner: Any = None,
 ) -> dict[str, Any]:
     """Perplexity, parameter counts and prefill throughput in one JSON-ready dict.
 
@@ -197,6 +213,8 @@ def evaluate(
         measure_throughput: also time forward passes of ``[1, seqlen]`` random ids.
         throughput_repeats: timed passes for the throughput median.
         progress: reports the perplexity batches.
+        runner: a runner with offloaded weights (see :func:`perplexity`); throughput is then
+            not measured (the model cannot run whole).
 
     Returns:
         ``{"perplexity", "params", "params_breakdown", "n_windows", "seqlen", "eval_seconds",
@@ -205,10 +223,13 @@ def evaluate(
     """
     _check_windows(windows)
     start = time.perf_counter()
-    ppl = perplexity(model, windows, batch_size=batch_size, progress=progress)
+    ppl = perplexity(model, windows, batch_size=batch_size, progress=progress, runner=runner)
     eval_seconds = time.perf_counter() - start
+    streamed = runner is not None and getattr(runner, "weights", None) is not None
     speed = (
-        throughput(model, seqlen=windows.shape[1], repeats=throughput_repeats) if measure_throughput else None
+        throughput(model, seqlen=windows.shape[1], repeats=throughput_repeats)
+        if measure_throughput and not streamed
+        else None
     )
     return {
         "perplexity": ppl,

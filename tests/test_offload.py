@@ -110,12 +110,13 @@ def test_plan_memory_chooses_by_the_bound() -> None:
 
 def test_cli_sequential_matches_whole(tmp_path: Path, tiny_llama_dir: Path, tiny_text_file: Path) -> None:
     runner = CliRunner()
-    plans = []
+    plans, ppls = [], []
     for extra, name in (([], "whole"), (["--sequential"], "seq"), (["--max-memory", "1MB"], "bounded")):
         out = tmp_path / name
         args = [
             "compress", str(tiny_llama_dir), "--method", "flap", "--sparsity", "0.3", "--calib", str(tiny_text_file),
             "--nsamples", "8", "--seqlen", "16", "-o", str(out), "--json", *extra,
+            "--eval-data", str(tiny_text_file), "--eval-seqlen", "16", "--max-windows", "4",
         ]  # fmt: skip
         result = runner.invoke(app, args)
         if name == "bounded":  # 1 MB cannot hold even one block: a one-line refusal, exit code 2
@@ -126,7 +127,11 @@ def test_cli_sequential_matches_whole(tmp_path: Path, tiny_llama_dir: Path, tiny
         assert report["memory"]["mode"] == ("sequential" if extra else "whole")
         assert report["memory"]["offload"] == bool(extra)
         plans.append(json.loads((out / "prunecli.json").read_text())["plan"]["removals"])
+        ppls.append(report["perplexity"])
     assert plans[0] == plans[1]
+    # perplexity of the streamed model (blocks read one at a time) is that of the whole model
+    assert ppls[1]["before"] == pytest.approx(ppls[0]["before"], rel=1e-5)
+    assert ppls[1]["after"] == pytest.approx(ppls[0]["after"], rel=1e-5)
     a, b = _tensors(tmp_path / "whole"), _tensors(tmp_path / "seq")
     assert all(torch.equal(a[k], b[k]) for k in a) and sorted(a) == sorted(b)
 
@@ -164,3 +169,23 @@ def test_offloaded_pruned_propagation_matches_in_memory(tmp_path: Path) -> None:
     streamed, weights = load_offloaded(tmp_path / "dense", dtype=torch.float32)
     res = prune(streamed, config, calib, runner=Runner(mode="sequential", weights=weights))
     assert res.plan.removals == ref.plan.removals
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_offloaded_perplexity_equals_in_memory(tmp_path: Path, arch: str) -> None:
+    from prunecli.evaluate import perplexity
+
+    overrides: dict = {"num_hidden_layers": 3}
+    if arch != "llama":
+        overrides.update(layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=5)
+    model = tiny_model(arch, **overrides)
+    model.save_pretrained(tmp_path / "dense")
+    windows = torch.randint(1, 128, (5, 12), generator=torch.Generator().manual_seed(1))
+    streamed, weights = load_offloaded(tmp_path / "dense", dtype=torch.float32)
+    runner = Runner(mode="sequential", weights=weights, batch_tokens=24)
+    assert perplexity(streamed, windows, runner=runner) == pytest.approx(perplexity(model, windows), rel=1e-5)
+    # and after pruning: the blocks are read pruned and compensated
+    config = FlapConfig(sparsity=0.3)
+    prune(model, config, windows)
+    prune(streamed, config, windows, runner=runner)
+    assert perplexity(streamed, windows, runner=runner) == pytest.approx(perplexity(model, windows), rel=1e-5)

@@ -301,6 +301,48 @@ class Runner:
             )
         return obs
 
+    def logits(
+        self, model: nn.Module, windows: Tensor, *, progress: Progress | None = None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """``(ids, logits)`` per mini-batch of ``windows``, the blocks run one at a time.
+
+        For a model whose blocks are offloaded: the hidden states go through every block
+        layer-sequentially (each block read from the files once), then the model's own forward
+        runs once more per batch with its blocks replaced by pass-throughs, the last one
+        returning the final hidden states, so the final norm and the head are the model's own
+        code. Every process computes all windows (no data parallelism).
+        """
+        windows = check_windows(windows)
+        path, blocks = _main_blocks(model)
+        last = len(blocks) - 1
+        seq = dataclasses.replace(self, distributed=False, log=[])
+        batches = seq.batches(windows)
+        with torch.no_grad():
+            hidden, extra = seq._capture(model, blocks, last, batches)
+            with resolve(progress).task("forward (layer by layer)", total=last + 1) as task:
+                for j in range(last + 1):
+                    with seq.materialized(model, f"{path}.{j}" if path else str(j)) as block:
+                        hidden = [seq._run_block(block, x, extra[j][b]) for b, x in enumerate(hidden)]
+                    task.advance()
+            device = seq._device(model)
+            kwargs = _forward_kwargs(model)
+            for b, (_, ids) in enumerate(batches):
+                final = hidden[b]
+
+                def through(*args: Any, **kw: Any) -> Any:
+                    return args[0] if args else kw["hidden_states"]
+
+                try:
+                    for j in range(last):
+                        blocks[j].forward = through
+                    blocks[last].forward = lambda *a, _h=final, **k: _h
+                    out = model(input_ids=ids.to(device), **kwargs)
+                finally:
+                    for j in range(last + 1):
+                        blocks[j].__dict__.pop("forward", None)
+                logits = out.logits if hasattr(out, "logits") else first_tensor(out)
+                yield ids, logits
+
     # ------------------------------------------------------------------ helpers
     def _device(self, model: nn.Module) -> torch.device:
         return torch.device(self.device) if self.device is not None else model_device(model)
@@ -507,6 +549,12 @@ class _TensorView:
 
     def __getitem__(self, name: str) -> Tensor:
         return self._runner.tensor(self._model, name)
+
+
+def _main_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    from prunecli.calibrate.offload import main_block_list
+
+    return main_block_list(model)
 
 
 @contextmanager

@@ -558,12 +558,6 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
                 f"({memory.reason})",
                 hint="recover the saved checkpoint on a machine that holds it: prunecli recover OUT ...",
             )
-        if opts.eval_data is not None:
-            out.warn(
-                "perplexity is not measured in a run whose model is never whole in memory; "
-                "run prunecli eval on the output where it fits"
-            )
-            opts = dataclasses.replace(opts, eval_data=None)
 
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -578,6 +572,9 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
             offload=bool(memory is not None and memory.offload),
         )
         seconds["load"] = loaded.load_seconds
+        runner = Runner(
+            mode=memory.mode if memory is not None else "whole", device=opts.device, weights=loaded.weights
+        )
         model, tokenizer = loaded.model, loaded.tokenizer
 
         calib = None
@@ -616,18 +613,13 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
                 progress=progress,
             )
             t = time.perf_counter()
-            ppl_before = evaluate(model, windows, progress=progress)
+            ppl_before = evaluate(model, windows, progress=progress, runner=runner)
             seconds["eval_before"] = time.perf_counter() - t
 
         params_before = count_parameters(model)
         t = time.perf_counter()
         with warnings.catch_warnings():  # printed once below, through `out`
             warnings.simplefilter("ignore", SparsityWarning)
-            runner = Runner(
-                mode=memory.mode if memory is not None else "whole",
-                device=opts.device,
-                weights=loaded.weights,
-            )
             result = prune(model, config, calib=calib, progress=progress, runner=runner, refit=opts.refit)
         seconds["prune"] = time.perf_counter() - t
         for message in result.warnings:
@@ -652,7 +644,7 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
 
         if windows is not None:
             t = time.perf_counter()
-            ppl_after = evaluate(model, windows, progress=progress)
+            ppl_after = evaluate(model, windows, progress=progress, runner=runner)
             seconds["eval_after"] = time.perf_counter() - t
 
         summary = result.summary.to_dict()

@@ -721,15 +721,14 @@ def choose_memory_plan(opts: CompressOptions, config: Any) -> Any:
     if not opts.sequential and opts.max_memory is None:
         return None
     from prunecli.calibrate.memory import parse_size, plan_memory
-    from prunecli.models import classify_spec, resolve_dtype
+    from prunecli.models import classify_spec
     from prunecli.models.files import weight_files
-    from prunecli.models.loading import _load_config, local_folder
+    from prunecli.models.loading import _load_config, load_dtype, local_folder
 
     kind, target = classify_spec(opts.model, allow_pickle=opts.allow_pickle)
     folder = local_folder(kind, target)
     model_config = _load_config(str(folder), trust_remote_code=opts.trust_remote_code, hub=False)
-    gguf = kind == "gguf" or (kind == "alias" and not Path(target).is_dir())
-    dtype = resolve_dtype("float32" if gguf and opts.dtype == "auto" else opts.dtype, model_config)
+    dtype = load_dtype(kind, target, opts.dtype, model_config)
     nsamples = int(getattr(config, "nsamples", opts.nsamples) or opts.nsamples)
     seqlen = int(getattr(config, "seqlen", opts.seqlen) or opts.seqlen)
     return plan_memory(

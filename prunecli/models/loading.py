@@ -264,7 +264,7 @@ def load_model(
             spec_str, kind, target, torch_dtype, torch_device, trust_remote_code, start, progress
         )
     with quiet_transformers(), resolve(progress).task(f"loading {spec_str}", total=1) as task:
-        if kind == "gguf" or (kind == "alias" and not Path(target).is_dir()):
+        if is_gguf(kind, target):
             model, tokenizer = _load_gguf(Path(target), torch_dtype, progress)
         elif kind in ("folder", "alias"):
             model, tokenizer = _load_folder(
@@ -301,13 +301,28 @@ def load_model(
     )
 
 
+def is_gguf(kind: str, target: str) -> bool:
+    """Whether a classified spec (see :func:`classify_spec`) loads from a ``.gguf`` file."""
+    return kind == "gguf" or (kind == "alias" and not Path(target).is_dir())
+
+
+def load_dtype(kind: str, target: str, dtype: Any, config: Any) -> Any:
+    """The torch dtype a classified spec loads in: ``auto`` is float32 for ``.gguf`` files (their
+    cache holds the dequantised fp32 weights) and the config's own dtype otherwise."""
+    import torch
+
+    if is_gguf(kind, target) and _parse_dtype(dtype) == "auto":
+        return torch.float32
+    return resolve_dtype(dtype, config)
+
+
 def local_folder(kind: str, target: str, *, progress: Progress | None = None) -> Path:
     """The local folder holding the safetensors weights of a classified spec (see :func:`classify_spec`).
 
     A ``.gguf`` gives its fp32 safetensors cache (converted once); a hub id its snapshot in the
     local Hugging Face cache (downloaded when the hub is reachable).
     """
-    if kind == "gguf" or (kind == "alias" and not Path(target).is_dir()):
+    if is_gguf(kind, target):
         from prunecli.models.gguf import ensure_gguf_cache
 
         return ensure_gguf_cache(Path(target), progress=progress)
@@ -341,7 +356,6 @@ def _load_offloaded(
     start: float,
     progress: Progress | None,
 ) -> LoadedModel:
-    import torch
 
     from prunecli.calibrate.offload import load_offloaded
     from prunecli.models.hf import quiet_transformers
@@ -349,9 +363,7 @@ def _load_offloaded(
     folder = local_folder(kind, target, progress=progress)
     with quiet_transformers(), resolve(progress).task(f"loading {spec} (blocks offloaded)", total=1) as task:
         config = _load_config(str(folder), trust_remote_code=trust_remote_code, hub=False)
-        if torch_dtype == "auto":
-            gguf = kind == "gguf" or (kind == "alias" and not Path(target).is_dir())
-            torch_dtype = torch.float32 if gguf else resolve_dtype("auto", config)
+        torch_dtype = load_dtype(kind, target, torch_dtype, config)
         try:
             model, weights = load_offloaded(
                 folder, dtype=torch_dtype, device=device, trust_remote_code=trust_remote_code

@@ -67,33 +67,30 @@ def perplexity(
     _check_positive("batch_size", batch_size)
     n, seqlen = windows.shape
     total_nll = torch.zeros((), dtype=torch.float64)
-    if runner is not None and getattr(runner, "weights", None) is not None:
-        with _eval_mode(model):
-            for ids, logits in runner.logits(model, windows.long(), progress=progress):
-                ids = ids.to(logits.device)
-                nll = F.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                    ids[:, 1:].reshape(-1),
-                    reduction="none",
-                )
-                total_nll += nll.double().sum().cpu()
-        return math.exp(total_nll.item() / (n * (seqlen - 1)))
-    device = _device(model)
-    n_batches = math.ceil(n / batch_size)
-    with (
-        _eval_mode(model),
-        torch.inference_mode(),
-        resolve(progress).task("perplexity", total=n_batches) as task,
-    ):
-        for start in range(0, n, batch_size):
-            ids = windows[start : start + batch_size].to(device, torch.long)  # (B, T)
-            logits = _logits(model, ids)  # (B, T, V)
+    with _eval_mode(model), torch.inference_mode():
+        for ids, logits in _batch_logits(model, windows, batch_size, runner, progress):
             nll = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1), reduction="none"
             )  # (B * (T - 1),)
             total_nll += nll.double().sum().cpu()
-            task.advance()
     return math.exp(total_nll.item() / (n * (seqlen - 1)))
+
+
+def _batch_logits(
+    model: nn.Module, windows: torch.Tensor, batch_size: int, runner: Any, progress: Progress | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(ids, logits)`` per batch, ids on the logits' device: the whole model, or an offloaded
+    one layer by layer through ``runner`` (which batches by its own token budget)."""
+    if runner is not None and getattr(runner, "weights", None) is not None:
+        for ids, logits in runner.logits(model, windows.long(), progress=progress):
+            yield ids.to(logits.device), logits
+        return
+    device = _device(model)
+    with resolve(progress).task("perplexity", total=math.ceil(windows.shape[0] / batch_size)) as task:
+        for start in range(0, windows.shape[0], batch_size):
+            ids = windows[start : start + batch_size].to(device, torch.long)  # (B, T)
+            yield ids, _logits(model, ids)  # (B, T, V)
+            task.advance()
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from prunecli.calibrate import distributed
+from prunecli.calibrate.offload import has_meta_tensors, main_block_list
 from prunecli.calibrate.stats import STATISTICS, Accumulator
 from prunecli.errors import DataError, InputError, UnsupportedModelError
 from prunecli.progress import Progress, resolve
@@ -229,7 +230,7 @@ class Runner:
     def materialized(self, model: nn.Module, path: str) -> Iterator[nn.Module]:
         """The module ``path`` with its weights in memory for the duration of the block."""
         mod = model.get_submodule(path) if path else model
-        if self.weights is None or not any(p.device.type == "meta" for p in mod.parameters()):
+        if self.weights is None or not has_meta_tensors(mod):
             yield mod
             return
         with self.weights.loaded(model, path, device=self._device(model)):
@@ -313,7 +314,7 @@ class Runner:
         code. Every process computes all windows (no data parallelism).
         """
         windows = check_windows(windows)
-        path, blocks = _main_blocks(model)
+        path, blocks = main_block_list(model)
         last = len(blocks) - 1
         seq = dataclasses.replace(self, distributed=False, log=[])
         batches = seq.batches(windows)
@@ -549,12 +550,6 @@ class _TensorView:
 
     def __getitem__(self, name: str) -> Tensor:
         return self._runner.tensor(self._model, name)
-
-
-def _main_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    from prunecli.calibrate.offload import main_block_list
-
-    return main_block_list(model)
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunecli.calibrate.offload import has_meta_tensors
 from prunecli.engine.plan import Plan
 from prunecli.errors import PlanError, PrunedModelError, UnsupportedModelError
 from prunecli.graph import DependencyGraph, Group, build_graph, model_fingerprint
@@ -341,7 +342,7 @@ def apply_plan(
         raise PlanError("the graph was built for a different state of this model; rebuild it")
     removals = resolve_removals(graph, plan)
     spec = check_supported(model, graph, removals)
-    offloaded = any(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
+    offloaded = has_meta_tensors(model)
     if offloaded and deferred is None:
         raise PlanError(
             "the model has weights on the meta device (offloaded) and no source to record the removals in",

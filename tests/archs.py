@@ -83,6 +83,18 @@ def tiny_model(model_type: str, seed: int = 0, **overrides) -> nn.Module:
     return model
 
 
+def mixed_layers_model(model_type: str, layer_types: list[str], seed: int = 0) -> nn.Module:
+    """:func:`tiny_model` with ``len(layer_types)`` layers; where the config has ``layer_types``,
+    local (sliding-window 5) and global layers follow that pattern, so they see different masks
+    (and, in Gemma 3, different rotary tables)."""
+    overrides: dict = {"num_hidden_layers": len(layer_types)}
+    if getattr(tiny_config(model_type), "layer_types", None) is not None:
+        overrides.update(layer_types=list(layer_types), sliding_window=5)
+        if model_type in ("qwen2", "qwen3"):
+            overrides["use_sliding_window"] = True
+    return tiny_model(model_type, seed=seed, **overrides)
+
+
 def example_input(model_type: str, batch: int = 2) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     if model_type == "vit":

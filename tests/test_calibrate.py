@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from archs import DECODERS, block_observations, tiny_config, tiny_model
+from archs import DECODERS, block_observations, mixed_layers_model, tiny_model
 from torch import nn
 
 from prunecli.calibrate import AngularDistance, ChannelStats, Observe, Runner, SumSquares
@@ -75,19 +75,9 @@ def test_observe_validatesblock_observations() -> None:
 
 @pytest.mark.parametrize("arch", sorted(DECODERS))
 def test_sequential_statistics_equal_whole_model(arch: str) -> None:
-    overrides: dict = {"num_hidden_layers": 4}
-    if getattr(tiny_config(arch), "layer_types", None) is not None:
-        # local and global layers see different masks (and, in Gemma 3, different rotary tables)
-        overrides["layer_types"] = [
-            "sliding_attention",
-            "sliding_attention",
-            "full_attention",
-            "sliding_attention",
-        ]
-        overrides["sliding_window"] = 5
-        if arch in ("qwen2", "qwen3"):
-            overrides["use_sliding_window"] = True
-    model = tiny_model(arch, **overrides)
+    model = mixed_layers_model(
+        arch, ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    )
     before = copy.deepcopy(model.state_dict())
     reqs = block_observations(model)
     calib = _calib()
@@ -111,14 +101,7 @@ def test_sequential_stops_after_last_observed_block() -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text", "qwen2"])
 def test_plans_equal_whole_and_sequential(arch: str) -> None:
-    overrides: dict = {"num_hidden_layers": 3}
-    if getattr(tiny_config(arch), "layer_types", None) is not None:
-        overrides.update(
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=5
-        )
-        if arch in ("qwen2", "qwen3"):
-            overrides["use_sliding_window"] = True
-    model = tiny_model(arch, **overrides)
+    model = mixed_layers_model(arch, ["sliding_attention", "full_attention", "sliding_attention"])
     graph = build_graph(model)
     calib = _calib(8, 16)
     configs = [

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from archs import tiny_model
+from archs import mixed_layers_model, tiny_model
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -43,13 +43,7 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     ids=lambda c: c.method,
 )
 def test_offloaded_run_writes_the_in_memory_checkpoint(tmp_path: Path, arch: str, config) -> None:
-    overrides: dict = {"num_hidden_layers": 3}
-    if arch != "llama":
-        overrides.update(
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=5
-        )
-        overrides.update({"use_sliding_window": True} if arch == "qwen2" else {})
-    model = tiny_model(arch, **overrides)
+    model = mixed_layers_model(arch, ["sliding_attention", "full_attention", "sliding_attention"])
     model.save_pretrained(tmp_path / "dense")
     before = {k: v.clone() for k, v in _tensors(tmp_path / "dense").items()}
     calib = torch.randint(1, 128, (6, 16), generator=torch.Generator().manual_seed(0))
@@ -175,10 +169,7 @@ def test_offloaded_pruned_propagation_matches_in_memory(tmp_path: Path) -> None:
 def test_offloaded_perplexity_equals_in_memory(tmp_path: Path, arch: str) -> None:
     from prunecli.evaluate import perplexity
 
-    overrides: dict = {"num_hidden_layers": 3}
-    if arch != "llama":
-        overrides.update(layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=5)
-    model = tiny_model(arch, **overrides)
+    model = mixed_layers_model(arch, ["sliding_attention", "full_attention", "sliding_attention"])
     model.save_pretrained(tmp_path / "dense")
     windows = torch.randint(1, 128, (5, 12), generator=torch.Generator().manual_seed(1))
     streamed, weights = load_offloaded(tmp_path / "dense", dtype=torch.float32)

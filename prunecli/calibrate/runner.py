@@ -328,19 +328,10 @@ class Runner:
             device = seq._device(model)
             kwargs = _forward_kwargs(model)
             for b, (_, ids) in enumerate(batches):
-                final = hidden[b]
-
-                def through(*args: Any, **kw: Any) -> Any:
-                    return args[0] if args else kw["hidden_states"]
-
-                try:
-                    for j in range(last):
-                        blocks[j].forward = through
-                    blocks[last].forward = lambda *a, _h=final, **k: _h
+                passes = {j: _pass_through for j in range(last)}
+                passes[last] = lambda *_a, _h=hidden[b], **_k: _h
+                with _forwards(blocks, passes):
                     out = model(input_ids=ids.to(device), **kwargs)
-                finally:
-                    for j in range(last + 1):
-                        blocks[j].__dict__.pop("forward", None)
                 logits = out.logits if hasattr(out, "logits") else first_tensor(out)
                 yield ids, logits
 
@@ -452,17 +443,12 @@ class Runner:
 
         device = self._device(model)
         kwargs = _forward_kwargs(model)
-        try:
-            for j in range(last + 1):
-                blocks[j].forward = recorder(j)  # instance attribute shadows the class method
+        with _forwards(blocks, {j: recorder(j) for j in range(last + 1)}):
             for _, ids in batches:
                 try:
                     model(input_ids=ids.to(device), **kwargs)
                 except StopForward:
                     pass
-        finally:
-            for j in range(last + 1):
-                blocks[j].__dict__.pop("forward", None)
         if len(hidden) != len(batches) or any(len(e) != len(batches) for e in extra):
             raise UnsupportedModelError(
                 "layer-sequential calibration could not capture the inputs of every block "
@@ -550,6 +536,24 @@ class _TensorView:
 
     def __getitem__(self, name: str) -> Tensor:
         return self._runner.tensor(self._model, name)
+
+
+def _pass_through(*args: Any, **kwargs: Any) -> Any:
+    """A block's forward that returns its input hidden states unchanged."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextmanager
+def _forwards(blocks: nn.ModuleList, fns: dict[int, Callable[..., Any]]) -> Iterator[None]:
+    """Run the body with ``blocks[j].forward`` replaced by ``fns[j]`` (an instance attribute
+    shadows the class method), and the real forwards back afterwards."""
+    try:
+        for j, fn in fns.items():
+            blocks[j].forward = fn
+        yield
+    finally:
+        for j in fns:
+            blocks[j].__dict__.pop("forward", None)
 
 
 @contextmanager

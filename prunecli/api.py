@@ -176,7 +176,7 @@ def prune(
             kwargs["runner"] = runner or Runner()
         plan = fn(model, graph, config, calib, **kwargs)
     seconds["score"] = time.perf_counter() - t1
-    if refit:
+    if refit and "refit" not in plan.meta:  # tyr refits its own candidates
         from prunecli.refit import refit_plan
 
         t_refit = time.perf_counter()

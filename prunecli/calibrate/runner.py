@@ -175,6 +175,28 @@ def _forward_kwargs(model: nn.Module) -> dict[str, Any]:
 
 
 @dataclasses.dataclass
+class Captured:
+    """What :meth:`Runner.capture` recorded for a set of windows.
+
+    Attributes:
+        path: qualified name of the block list (``model.layers``).
+        blocks: the block list.
+        batches: ``(batch number, windows)`` per mini-batch.
+        hidden: the first block's input hidden states, per mini-batch.
+        extra: ``extra[j][b]``: block ``j``'s other positional and keyword arguments for batch ``b``.
+    """
+
+    path: str
+    blocks: nn.ModuleList
+    batches: list[tuple[int, Tensor]]
+    hidden: list[Tensor]
+    extra: list[list[tuple[tuple[Any, ...], dict[str, Any]]]]
+
+    def block_name(self, j: int) -> str:
+        return f"{self.path}.{j}" if self.path else str(j)
+
+
+@dataclasses.dataclass
 class Runner:
     """Runs calibration windows through a model and gathers what methods observe.
 
@@ -313,6 +335,25 @@ class Runner:
         returning the final hidden states, so the final norm and the head are the model's own
         code. Every process computes all windows (no data parallelism).
         """
+        seq = dataclasses.replace(self, distributed=False, log=[])
+        with torch.no_grad():
+            cap = seq.capture(model, windows)
+            hidden = cap.hidden
+            with resolve(progress).task("forward (layer by layer)", total=len(cap.blocks)) as task:
+                for j in range(len(cap.blocks)):
+                    with seq.materialized(model, cap.block_name(j)) as block:
+                        hidden = [seq.run_block(block, x, cap.extra[j][b]) for b, x in enumerate(hidden)]
+                    task.advance()
+            for b, (_, ids) in enumerate(cap.batches):
+                yield ids, seq.head(model, cap, ids, hidden[b])
+
+    def capture(self, model: nn.Module, windows: Tensor) -> Captured:
+        """The inputs of the first block and every block's other arguments, per mini-batch.
+
+        With :meth:`run_block` and :meth:`head` this is a forward pass that a method can start
+        at any block (e.g. from cached hidden states) and whose blocks it may change between
+        passes. Uses all windows on every process.
+        """
         windows = check_windows(windows)
         path, blocks = main_block_list(model)
         last = len(blocks) - 1
@@ -320,20 +361,24 @@ class Runner:
         batches = seq.batches(windows)
         with torch.no_grad():
             hidden, extra = seq._capture(model, blocks, last, batches)
-            with resolve(progress).task("forward (layer by layer)", total=last + 1) as task:
-                for j in range(last + 1):
-                    with seq.materialized(model, f"{path}.{j}" if path else str(j)) as block:
-                        hidden = [seq._run_block(block, x, extra[j][b]) for b, x in enumerate(hidden)]
-                    task.advance()
-            device = seq._device(model)
-            kwargs = _forward_kwargs(model)
-            for b, (_, ids) in enumerate(batches):
-                passes = {j: _pass_through for j in range(last)}
-                passes[last] = lambda *_a, _h=hidden[b], **_k: _h
-                with _forwards(blocks, passes):
-                    out = model(input_ids=ids.to(device), **kwargs)
-                logits = out.logits if hasattr(out, "logits") else first_tensor(out)
-                yield ids, logits
+        return Captured(path=path, blocks=blocks, batches=batches, hidden=hidden, extra=extra)
+
+    def run_block(self, block: nn.Module, x: Tensor, call: tuple[tuple[Any, ...], dict[str, Any]]) -> Tensor:
+        """``block``'s output hidden states for input ``x`` and its captured arguments ``call``."""
+        return self._run_block(block, x, call)
+
+    def head(self, model: nn.Module, cap: Captured, ids: Tensor, hidden: Tensor) -> Tensor:
+        """Logits of the model's own final norm and head on the last block's output ``hidden``.
+
+        The model's forward runs with every block replaced by a pass-through (the last one
+        returning ``hidden``), so whatever the model does after its blocks is its own code.
+        """
+        last = len(cap.blocks) - 1
+        passes: dict[int, Callable[..., Any]] = {j: _pass_through for j in range(last)}
+        passes[last] = lambda *_a, _h=hidden, **_k: _h
+        with torch.no_grad(), _forwards(cap.blocks, passes):
+            out = model(input_ids=ids.to(self._device(model)), **_forward_kwargs(model))
+        return out.logits if hasattr(out, "logits") else first_tensor(out)
 
     # ------------------------------------------------------------------ helpers
     def _device(self, model: nn.Module) -> torch.device:

@@ -12,6 +12,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -579,6 +580,7 @@ def save_checkpoint(
     verify_max_bytes: int = VERIFY_MAX_BYTES,
     progress: Progress | None = None,
     weights: Any = None,
+    add_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save ``model`` (+ tokenizer, provenance, recipe) as a safetensors checkpoint folder.
 
@@ -615,6 +617,8 @@ def save_checkpoint(
             :class:`prunecli.calibrate.offload.OffloadedWeights` runner), where their pruned
             values are read from: the weights are then written shard by shard, never whole in
             memory, and verification checks the shapes (the model cannot run whole).
+        add_files: called with the staging folder before it is published, to add files
+            beside the checkpoint (e.g. a plot); they appear atomically with it.
 
     Returns:
         The absolute path of the checkpoint folder.
@@ -639,6 +643,8 @@ def save_checkpoint(
             base_name, remote = _write(
                 model, tokenizer, tmp, provenance_text, recipe, max_shard_size, weights
             )
+            if add_files is not None:
+                add_files(tmp)
             apply_umask(tmp)
             if verify:
                 result = verify_checkpoint(

@@ -669,6 +669,7 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
             "plan": _plan_section(plan),
             "summary": summary,
             "recovery": recovery,
+            "tyr": plan.meta.get("tyr"),
         }
         # sparsity is a share of every attention + MLP block, locked or ignored ones included
         report["params"]["blocks_before"] = result.block_params_before
@@ -701,6 +702,7 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
                 verify=opts.verify,
                 progress=progress,
                 weights=loaded.weights,
+                add_files=_tyr_plot(plan.meta.get("tyr")),
             )
             seconds["save"] = time.perf_counter() - t
             report["output"] = str(path)
@@ -711,6 +713,19 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
 
     out.result(report, lambda console: render_report(console, report), quiet_line=report["output"])
     return report
+
+
+def _tyr_plot(meta: dict[str, Any] | None) -> Any:
+    """Writer of ``tyr_sparsity.png`` (Týr's per-layer sparsity) into a checkpoint folder."""
+    if not meta:
+        return None
+
+    def write(folder: Path) -> None:
+        from prunecli.methods.tyr import write_plot
+
+        write_plot(folder / "tyr_sparsity.png", meta)
+
+    return write
 
 
 def choose_memory_plan(opts: CompressOptions, config: Any) -> Any:
@@ -898,8 +913,23 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
     console.print(
         f"removed {plan['units_removed']:,} units from {plan['groups_pruned']} groups", highlight=False
     )
+    tyr = report.get("tyr") or {}
+    if tyr.get("per_layer_sparsity"):
+        from prunecli.methods.tyr import sparsity_series
+        from prunecli.plot import bar_chart
+
+        console.print("per-layer sparsity found by the Týr search:", highlight=False)
+        console.print(bar_chart(sparsity_series(tyr), width=20), markup=False, highlight=False)
+        fit = [h for h in tyr.get("search", []) if h.get("best_fitness")]
+        if fit:
+            console.print(
+                f"search fitness (sparse KL to the dense model): {fit[0]['start_fitness']:.4g} uniform -> "
+                f"{fit[-1]['best_fitness'][-1]:.4g} after {len(fit)} iteration(s); "
+                f"supernet {tyr['seconds']['supernet']:.0f} s, search {tyr['seconds']['search']:.0f} s",
+                highlight=False,
+            )
     refit = report.get("refit") or {}
-    if refit.get("modules"):
+    if refit.get("modules") and "error_refit" in refit:
         base = min(refit["error_removed"], refit["error_bias"]) or 1.0
         console.print(
             f"refit {refit['modules']} projections by least squares: calibration error "

@@ -56,6 +56,8 @@ def _prunecli_row(method: str, extra: dict[str, Any] | None = None, recover: boo
             model_sparsity=result.summary.model_sparsity,
             phases=result.seconds,
         )
+        if "tyr" in result.plan.meta:  # search cost split, fitness per generation, per-layer sparsity
+            out["tyr"] = result.plan.meta["tyr"]
         if args.get("save_dir"):
             from prunecli.checkpoint import save_checkpoint
 
@@ -172,6 +174,7 @@ ROWS = {
     "cfsp+refit": _prunecli_row("cfsp", refit=True),
     "wanda-sp+refit": _prunecli_row("wanda-sp", refit=True),
     "magnitude+refit": _prunecli_row("magnitude", refit=True),
+    "tyr": _prunecli_row("tyr"),
 }
 DEFAULT_ROWS = "dense,flap,wanda-sp,magnitude,random,tp-magnitude,tp-taylor"
 

@@ -135,16 +135,39 @@ def initial_widths(
     return centers
 
 
+def _exchange_channels(graph: DependencyGraph, variables: list[Variable], unit: int) -> int | None:
+    """Fewest MLP channels whose parameters equal a whole number of head-cost units (so that a
+    budget-exact mutation can move parameters between attention and MLP), or None."""
+    heads = [HeadLayout(graph, graph.groups[v.name]) for v in variables if v.kind == "heads"]
+    if not heads:
+        return None
+    h = math.gcd(heads[0].q_cost, heads[0].kv_cost) if heads[0].kv_cost else heads[0].q_cost
+    return (unit * h // math.gcd(unit, h)) // unit
+
+
 def _ladders(
     graph: DependencyGraph, variables: list[Variable], centers: list[int], config: TyrConfig, it: int
 ) -> None:
+    """This iteration's ladders around ``centers``.
+
+    MLP steps are ``step / 2**it`` of the width, rounded to a multiple of the smallest channel
+    count that costs a whole number of head units when that is within 1.5x of the plain step
+    (SmolLM2: 128 channels = 3 query heads), so that mutations can trade attention for MLP
+    parameters exactly; otherwise the plain step (trades stay within a kind).
+    """
     frac = config.step / (2**it)
     for v, center in zip(variables, centers):
         g = graph.groups[v.name]
         if v.kind == "channels":
             unit = g.unit_params(0)
             rt = max(1, config.round_to)
-            step = max(rt, int(round(g.num_units * frac / rt)) * rt)
+            plain = g.num_units * frac
+            ex = _exchange_channels(graph, variables, unit)
+            if ex is not None and ex <= 1.5 * plain:
+                ex = ex * rt // math.gcd(ex, rt)
+                step = max(1, int(round(plain / ex))) * ex
+            else:
+                step = max(rt, int(round(plain / rt)) * rt)
             widths = channel_ladder(g.num_units, unit, center // unit, step, config.levels, rt)
             v.widths, v.costs = widths, [k * unit for k in widths]
             v.center = widths.index(center // unit)

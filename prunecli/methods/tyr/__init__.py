@@ -214,7 +214,8 @@ def prune_tyr(
     best: State = ()
     try:
         t0 = time.perf_counter()
-        ev0 = Evaluator(model, graph, variables, root, runner)
+        search_model = _search_model(model, config.search_dtype)
+        ev0 = Evaluator(search_model, graph, variables, root, runner)
         ev0.hooks.remove()
         teacher = ev0.teacher(calib, config.kl_topk)
         seconds["teacher"] = time.perf_counter() - t0
@@ -237,7 +238,7 @@ def prune_tyr(
             )
             seconds["supernet"] += time.perf_counter() - t1
             t2 = time.perf_counter()
-            evaluator = Evaluator(model, graph, variables, directory, runner)
+            evaluator = Evaluator(search_model, graph, variables, directory, runner)
             ev = evaluator
             fixed = ev.tokens(calib[fixed_idx], [teacher[i] for i in fixed_idx])
             best, log = _search(
@@ -284,6 +285,18 @@ def prune_tyr(
     plan.meta["selection"] = "tyr"
     plan.meta["sparsity"] = config.sparsity
     return plan
+
+
+def _search_model(model: nn.Module, dtype: str) -> nn.Module:
+    """The model the search evaluates: ``model`` itself, or a copy in ``dtype``."""
+    if dtype == "model":
+        return model
+    target = getattr(torch, dtype)
+    if all(p.dtype == target for p in model.parameters() if p.is_floating_point()):
+        return model
+    import copy
+
+    return copy.deepcopy(model).to(target).eval()
 
 
 def _search(

@@ -8,6 +8,8 @@ from typing import ClassVar
 from prunecli.config import DataMethodConfig
 from prunecli.errors import InputError
 
+SEARCH_DTYPES: tuple[str, ...] = ("bfloat16", "float16", "float32", "model")
+
 
 @dataclasses.dataclass(frozen=True)
 class TyrConfig(DataMethodConfig):
@@ -42,6 +44,10 @@ class TyrConfig(DataMethodConfig):
         damp: relative dampening of the Gram matrix diagonal (1%, the reference's value).
         supernet_dir: keep the supernet files here (default: a temporary folder that is
             deleted at the end).
+        search_dtype: dtype of the model copy the search evaluates candidates with
+            (``bfloat16``, as the reference runs its search; ``float32``; ``model``: the model
+            itself, no copy). The supernet's statistics and refits always use the model's own
+            weights and dtype.
         seed: seeds the children and the stage windows.
 
     Example:
@@ -66,6 +72,7 @@ class TyrConfig(DataMethodConfig):
     obs_rounds: int = 4
     damp: float = 0.01
     supernet_dir: str | None = None
+    search_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -94,6 +101,10 @@ class TyrConfig(DataMethodConfig):
             raise InputError(f"tyr step must be in (0, 0.5], got {self.step}")
         if not 0.0 <= float(self.damp) < 1.0:
             raise InputError(f"tyr damp must be in [0, 1), got {self.damp}")
+        if self.search_dtype not in SEARCH_DTYPES:
+            raise InputError(
+                f"unknown tyr search_dtype {self.search_dtype!r}", hint=f"choose one of {', '.join(SEARCH_DTYPES)}"
+            )
         if not self.stage_tokens or len(self.stage_tokens) != len(self.survivors):
             raise InputError(
                 "tyr stage_tokens and survivors need one entry per selection stage",

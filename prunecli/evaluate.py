@@ -240,6 +240,19 @@ def evaluate(
     }
 
 
+def max_length_warning(model: nn.Module, seqlen: int) -> str | None:
+    """A warning when ``seqlen`` exceeds the model's maximum length (its config's positions), else ``None``."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    if isinstance(limit, int) and seqlen > limit:
+        return (
+            f"evaluation windows of {seqlen} tokens exceed the model's maximum length ({limit}); "
+            "perplexity beyond it is not meaningful (lower --seqlen / --eval-seqlen)"
+        )
+    return None
+
+
 # -- helpers ---------------------------------------------------------------------------------
 
 

@@ -14,23 +14,32 @@ from prunecli.cli._options import (
     DtypeOpt,
     JsonOpt,
     MaxWindowsOpt,
-    ModelArg,
     QuietOpt,
     SeqlenOpt,
     TextFieldOpt,
     TrustRemoteCodeOpt,
     check_data_source,
 )
-from prunecli.cli.output import Output, library_bars_off
+from prunecli.cli.output import Output, library_bars_off, to_json
+from prunecli.errors import InputError
 
 
 def eval_model(
-    model: ModelArg,
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            help="Models to evaluate: folders, .gguf files, hub ids or aliases; `-` reads them from stdin "
+            "(one per line, or the JSON that `prunecli compress --json` prints: its output folder is used).",
+            metavar="MODEL...",
+            show_default=False,
+        ),
+    ],
     data: Annotated[
         str,
         typer.Option(
             "--data",
-            help="Text to evaluate on: a .txt/.jsonl file, a folder of .txt files, or hf:NAME[:CONFIG]:SPLIT[:FIELD].",
+            help="Text to evaluate on: a .txt/.jsonl file, a folder of .txt files, builtin:heldout (shipped), "
+            "or hf:NAME[:CONFIG]:SPLIT[:FIELD].",
             metavar="SRC",
             show_default=False,
         ),
@@ -38,51 +47,160 @@ def eval_model(
     seqlen: SeqlenOpt = 512,
     max_windows: MaxWindowsOpt = None,
     text_field: TextFieldOpt = "text",
+    no_speed: Annotated[
+        bool, typer.Option("--no-speed", help="Do not time forward passes (tokens/s).")
+    ] = False,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "cpu",
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
     json: JsonOpt = False,
+    jsonl: Annotated[
+        bool,
+        typer.Option("--jsonl", help="Print one JSON line per model as each finishes (for pipelines)."),
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Measure the perplexity of MODEL on non-overlapping windows of a text.
+    """Measure the perplexity of one or more models on non-overlapping windows of a text.
 
-    Example:
+    With one model, --json prints one object; with several, one JSON list. --jsonl prints one
+    line per model as soon as it is measured. --quiet prints the perplexity (with several
+    models: MODEL<TAB>PERPLEXITY lines).
 
-      prunecli eval smollm2-flap-20 --data persuasion.txt --seqlen 512 --max-windows 16
+    Examples:
+
+      prunecli eval smollm2-135m --data builtin:heldout --seqlen 256 --max-windows 4
+
+      prunecli compress smollm2-135m -m magnitude -s 0.2 -o out/m20 --json | prunecli eval - --data builtin:heldout --jsonl
     """
-    from prunecli.data import eval_windows
-    from prunecli.evaluate import evaluate
-    from prunecli.models import load_model
+    import sys
 
+    from prunecli.data import eval_windows
+    from prunecli.evaluate import evaluate, max_length_warning
+    from prunecli.models import classify_spec, load_model
+
+    if jsonl and json:
+        raise InputError("--json and --jsonl both given", hint="pick one: --json (one document) or --jsonl")
+    specs = read_model_names(models, sys.stdin)
+    for spec in specs:  # every name is checked before the first model is loaded
+        classify_spec(spec, allow_pickle=allow_pickle)
     check_data_source(data, "--data")
-    out = Output(json=json, quiet=quiet)
-    with library_bars_off(), out.progress() as progress:
-        loaded = load_model(
-            model,
-            dtype=dtype,
-            device=device,
-            allow_pickle=allow_pickle,
-            trust_remote_code=trust_remote_code,
-            progress=progress,
+    out = Output(json=json or jsonl, quiet=quiet)
+    reports: list[dict[str, Any]] = []
+    for spec in specs:
+        with library_bars_off(), out.progress() as progress:
+            loaded = load_model(
+                spec,
+                dtype=dtype,
+                device=device,
+                allow_pickle=allow_pickle,
+                trust_remote_code=trust_remote_code,
+                progress=progress,
+            )
+            warning = max_length_warning(loaded.model, seqlen)
+            if warning:
+                out.warn(warning)
+            windows = eval_windows(
+                loaded.tokenizer,
+                data,
+                seqlen=seqlen,
+                max_windows=max_windows,
+                text_field=text_field,
+                progress=progress,
+            )
+            metrics = dict(
+                evaluate(loaded.model, windows, progress=progress, measure_throughput=not no_speed)
+            )
+        report: dict[str, Any] = {
+            "model": spec,
+            "source": str(loaded.source),
+            "data": data,
+            **metrics,
+            "load_seconds": loaded.load_seconds,
+        }
+        del loaded
+        reports.append(report)
+        if jsonl:
+            sys.stdout.write(to_json_line(report) + "\n")
+            sys.stdout.flush()
+    if jsonl:
+        return
+    if len(reports) == 1:
+        report = reports[0]
+        out.result(
+            report, lambda console: render_eval(console, report), quiet_line=f"{report['perplexity']:.4f}"
         )
-        windows = eval_windows(
-            loaded.tokenizer,
-            data,
-            seqlen=seqlen,
-            max_windows=max_windows,
-            text_field=text_field,
-            progress=progress,
+        return
+    lines = "\n".join(f"{r['model']}\t{r['perplexity']:.4f}" for r in reports)
+    out.result(reports, lambda console: render_many(console, reports), quiet_line=lines)
+
+
+def read_model_names(models: list[str], stdin: Any) -> list[str]:
+    """The model names of ``eval``'s arguments, with ``-`` replaced by what stdin holds.
+
+    Stdin holds names one per line, or JSON documents (``prunecli compress --json`` output, a
+    list of them, or JSON lines): each document's ``output`` (else ``model``) is taken.
+    """
+    import json as _json
+
+    names: list[str] = []
+    for item in models:
+        if item != "-":
+            names.append(item)
+            continue
+        text = stdin.read()
+        stripped = text.strip()
+        if stripped.startswith(("{", "[")):
+            decoder = _json.JSONDecoder()
+            pos = 0
+            while pos < len(stripped):
+                try:
+                    doc, end = decoder.raw_decode(stripped, pos)
+                except ValueError as e:
+                    raise InputError(
+                        f"stdin is not JSON documents: {e}",
+                        hint="pipe `prunecli compress ... --json`, or one name per line",
+                    ) from None
+                for d in doc if isinstance(doc, list) else [doc]:
+                    name = d.get("output") or d.get("model") if isinstance(d, dict) else None
+                    if not name:
+                        raise InputError(
+                            "a JSON document on stdin names no model (no `output` or `model`)",
+                            hint="run compress with -o DIR so its report names the checkpoint",
+                        )
+                    names.append(str(name))
+                pos = end
+                while pos < len(stripped) and stripped[pos].isspace():
+                    pos += 1
+        else:
+            names.extend(line.strip() for line in text.splitlines() if line.strip())
+    if not names:
+        raise InputError(
+            "no model to evaluate", hint="pass MODEL arguments, or pipe names into `prunecli eval -`"
         )
-        metrics = dict(evaluate(loaded.model, windows, progress=progress))
-    report: dict[str, Any] = {
-        "model": model,
-        "source": str(loaded.source),
-        "data": data,
-        **metrics,
-        "load_seconds": loaded.load_seconds,
-    }
-    out.result(report, lambda console: render_eval(console, report), quiet_line=f"{report['perplexity']:.4f}")
+    return names
+
+
+def to_json_line(data: Any) -> str:
+    """One line of strict JSON (for ``--jsonl``)."""
+    import json as _json
+
+    return _json.dumps(_json.loads(to_json(data)), separators=(",", ":"))
+
+
+def render_many(console: Console, reports: list[dict[str, Any]]) -> None:
+    """One row per model."""
+    table = Table(title=f"perplexity on {reports[0]['data']}")
+    table.add_column("model")
+    table.add_column("perplexity", justify="right")
+    table.add_column("parameters", justify="right")
+    table.add_column("tokens/s", justify="right")
+    for r in reports:
+        tps = r.get("tokens_per_s")
+        table.add_row(
+            r["model"], f"{r['perplexity']:.3f}", f"{r['params']:,}", "-" if tps is None else f"{tps:,.0f}"
+        )
+    console.print(table)
 
 
 def render_eval(console: Console, report: dict[str, Any]) -> None:

@@ -249,15 +249,33 @@ def _load_hf(spec: HfSpec) -> list[str]:
     if spec.local:
         dataset = _local_split(datasets, spec)
     else:
+        from prunecli.models.loading import _hub_offline, _hub_reachable
+
+        # Offline (HF_HUB_OFFLINE, or the hub does not answer within 3 s): look in the cache only,
+        # so a missing dataset fails at once instead of after a minute of retries on stderr.
+        offline = _hub_offline() or not _hub_reachable()
+        saved = datasets.config.HF_HUB_OFFLINE
+        verbosity = datasets.logging.get_verbosity()
         try:
+            datasets.config.HF_HUB_OFFLINE = saved or offline
+            datasets.logging.set_verbosity_error()
             dataset = datasets.load_dataset(spec.name, spec.config, split=spec.split)
         except Exception as exc:  # datasets raises many types (ConnectionError, ValueError, ...)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if offline:
+                raise DataError(
+                    f"dataset {spec.name!r} is not in the local cache and the hub is unreachable or offline",
+                    hint="download it where the hub is reachable (datasets.load_dataset(...).save_to_disk(DIR)) "
+                    "and pass hf:DIR:SPLIT[:FIELD], or pass a .txt/.jsonl file",
+                ) from exc
             raise DataError(
                 f"cannot load dataset {spec.name!r} (config {spec.config!r}, split {spec.split!r}): {first}",
                 hint="check the name, config and split and the network (HF_HUB_OFFLINE); offline, save it "
                 "with save_to_disk and pass hf:<folder>:SPLIT[:FIELD]",
             ) from exc
+        finally:
+            datasets.config.HF_HUB_OFFLINE = saved
+            datasets.logging.set_verbosity(verbosity)
     if spec.field not in dataset.column_names:
         raise DataError(
             f"dataset {spec.name!r} split {spec.split!r} has no column {spec.field!r} "

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -189,6 +190,67 @@ def throughput(
         "repeats": repeats,
         "times": times,
     }
+
+
+def compare_throughput(
+    models: dict[str, nn.Module],
+    *,
+    seqlen: int = 512,
+    rounds: int = 5,
+    warmup: int = 1,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Prefill throughput of several models measured interleaved, as ``benchmarks/throughput.py`` does.
+
+    Each model first runs ``warmup`` untimed passes; then every round times one forward pass
+    of each model in turn, so drift on a shared machine hits all of them alike; the median
+    over rounds is reported.
+
+    Args:
+        models: name -> causal LM (same vocabulary: the same random ids feed every model).
+        seqlen: tokens per pass (batch 1).
+        rounds: timed rounds.
+        warmup: untimed passes per model first.
+        seed: seed of the generator that draws the token ids.
+
+    Returns:
+        name -> ``{"tokens_per_s", "seconds_per_forward", "times", "seqlen", "rounds",
+        "method"}``.
+    """
+    _check_positive("seqlen", seqlen)
+    _check_positive("rounds", rounds)
+    first = next(iter(models.values()))
+    vocab = min(_vocab_size(m) for m in models.values())
+    ids = torch.randint(0, vocab, (1, seqlen), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(_device(first))
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with contextlib.ExitStack() as stack, torch.inference_mode():
+        for m in models.values():
+            stack.enter_context(_eval_mode(m))
+        for m in models.values():
+            for _ in range(warmup):
+                _logits(m, ids)
+        for _ in range(rounds):
+            for name, m in models.items():
+                device = _device(m)
+                _synchronize(device)
+                start = time.perf_counter()
+                _logits(m, ids)
+                _synchronize(device)
+                times[name].append(time.perf_counter() - start)
+    how = f"interleaved, {warmup} warm-up pass, median of {rounds} rounds, batch 1 x {seqlen} tokens"
+    out = {}
+    for name, t in times.items():
+        seconds = statistics.median(t)
+        out[name] = {
+            "tokens_per_s": seqlen / seconds,
+            "seconds_per_forward": seconds,
+            "times": t,
+            "seqlen": seqlen,
+            "rounds": rounds,
+            "method": how,
+        }
+    return out
 
 
 def evaluate(

@@ -547,9 +547,11 @@ class _Run:
             self._calibration()
             self._eval_windows()
             self.ppl_before = self._evaluate("eval_before")
+            self._keep_dense_copy()
             self._prune()
             self._recover()
             self.ppl_after = self._evaluate("eval_after")
+            self._speed()
             self.report = self._report()
             self._save()
         self.seconds["total"] = time.perf_counter() - started
@@ -642,10 +644,31 @@ class _Run:
             self.windows,
             progress=self.progress,
             runner=self.runner,
-            measure_throughput=self.opts.speed,
+            measure_throughput=False,  # timed interleaved with the dense copy in _speed
         )
         self.seconds[step] = time.perf_counter() - t
         return result
+
+    def _keep_dense_copy(self) -> None:
+        """A copy of the unpruned model, to time it interleaved with the pruned one (``speed``)."""
+        self.dense = None
+        self.speed = None
+        if self.opts.speed and self.windows is not None and self.loaded.weights is None:
+            import copy
+
+            self.dense = copy.deepcopy(self.loaded.model)
+
+    def _speed(self) -> None:
+        if self.dense is None:
+            return
+        from prunecli.evaluate import compare_throughput
+
+        t = time.perf_counter()
+        self.speed = compare_throughput(
+            {"before": self.dense, "after": self.loaded.model}, seqlen=int(self.windows.shape[1])
+        )
+        self.dense = None
+        self.seconds["speed"] = time.perf_counter() - t
 
     def _prune(self) -> None:
         from prunecli.api import SparsityWarning, prune
@@ -653,6 +676,7 @@ class _Run:
 
         model = self.loaded.model
         self.params_before = count_parameters(model)
+        self._check_ignore(model)
         t = time.perf_counter()
         with warnings.catch_warnings():  # reported once below, through warn()
             warnings.simplefilter("ignore", SparsityWarning)
@@ -668,6 +692,19 @@ class _Run:
         for message in self.result.warnings:
             self.warn(message)
         self.params_after = count_parameters(model)
+
+    def _check_ignore(self, model: Any) -> None:
+        """Warn about ``ignore`` patterns that match no module (a typo keeps nothing whole)."""
+        import fnmatch
+
+        names = [name for name, _ in model.named_modules() if name]
+        for pattern in self.opts.ignore:
+            if not any(fnmatch.fnmatch(name, pattern) for name in names):
+                example = next((n for n in names if ".layers.0." in n), names[0] if names else "")
+                self.warn(
+                    f"--ignore {pattern!r} matches no module of this model, so it keeps nothing "
+                    f"(module names look like {example!r})"
+                )
 
     def _recover(self) -> None:
         opts = self.opts
@@ -714,7 +751,7 @@ class _Run:
             refit=result.plan.meta.get("refit"),
             params=params,
             sparsity=_sparsity_section(self.config.sparsity, params),
-            perplexity=_perplexity_section(opts, self.windows, self.ppl_before, self.ppl_after),
+            perplexity=_perplexity_section(opts, self.windows, self.ppl_before, self.ppl_after, self.speed),
             seconds=self.seconds,
             prune_steps_seconds=dict(getattr(result, "seconds", {}) or {}),
             output=None,
@@ -791,7 +828,7 @@ def _sparsity_section(target: float, params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _perplexity_section(
-    opts: CompressOptions, windows: Any, before: Any, after: Any
+    opts: CompressOptions, windows: Any, before: Any, after: Any, speed: dict[str, Any] | None
 ) -> dict[str, Any] | None:
     if windows is None or before is None or after is None:
         return None
@@ -801,6 +838,7 @@ def _perplexity_section(
         "windows": int(windows.shape[0]),
         "before": before["perplexity"],
         "after": after["perplexity"],
-        "tokens_per_s_before": before.get("tokens_per_s"),
-        "tokens_per_s_after": after.get("tokens_per_s"),
+        "tokens_per_s_before": speed["before"]["tokens_per_s"] if speed else None,
+        "tokens_per_s_after": speed["after"]["tokens_per_s"] if speed else None,
+        "speed_method": speed["after"]["method"] if speed else None,
     }

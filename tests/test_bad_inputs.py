@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -114,7 +115,12 @@ def test_config_that_does_not_match_the_weights(model: Path, tmp_path: Path) -> 
     config = json.loads((model / "config.json").read_text())
     config["intermediate_size"] = 96
     (model / "config.json").write_text(json.dumps(config))
-    check_failure(compress(model, tmp_path / "o"), 2, "shape", model, out=tmp_path / "o")
+    line = check_failure(compress(model, tmp_path / "o"), 2, "in the weights", model, out=tmp_path / "o")
+    # e.g. "model.layers.0.mlp.down_proj.weight is [64, 128] in the weights, [64, 96] in config.json"
+    assert re.search(
+        r"mlp\.\w+\.weight is \[\d+, \d+\] in the weights, \[\d+, \d+\] in config\.json", line
+    ), line
+    assert "128" in line and "96" in line
 
 
 def test_pickle_weights_without_allow_pickle(model: Path, tmp_path: Path) -> None:

@@ -279,3 +279,105 @@ def test_methods_lists_every_method_with_its_set_options() -> None:
     assert "AAAI 2024" in methods["flap"]["paper"] and methods["flap"]["needs_data"]
     assert methods["magnitude"]["options"] == [] and not methods["magnitude"]["needs_data"]
     assert "sparsity" not in flap  # it has its own flag
+
+
+def test_ignore_that_matches_nothing_or_lowers_the_sparsity_warns(tiny_llama_dir: Path) -> None:
+    seen: list[str] = []
+    base = {"model": str(tiny_llama_dir), "method": "magnitude", "sparsity": 0.3}
+    report = prunecli.compress({**base, "ignore": ["model.layer.0.*"]}, on_warning=seen.append)
+    assert any("'model.layer.0.*' matches no module" in w for w in seen) and report.warnings == seen
+    seen.clear()
+    report = prunecli.compress({**base, "ignore": ["model.layers.0.*"]}, on_warning=seen.append)
+    assert not any("matches no module" in w for w in seen)
+    assert any("excluded by --ignore" in w for w in seen) and report.sparsity["blocks"] < 0.25
+    assert "trust_remote_code=True" not in (report.load_hint or "")  # nothing saved: no hint
+
+
+def test_speed_is_measured_interleaved_with_the_dense_model(
+    tiny_llama_dir: Path, tiny_text_file: Path
+) -> None:
+    recipe = {
+        "model": str(tiny_llama_dir), "method": "magnitude", "sparsity": 0.5, "eval_data": str(tiny_text_file),
+        "eval_seqlen": 32, "max_windows": 2, "expect": {"min_speedup": 0.01},
+    }  # fmt: skip
+    report = prunecli.compress(recipe)
+    ppl = report.perplexity
+    assert ppl["tokens_per_s_before"] > 0 and ppl["tokens_per_s_after"] > 0
+    assert "interleaved" in ppl["speed_method"] and "median of 5 rounds" in ppl["speed_method"]
+    (gate,) = report.gates
+    assert gate["passed"] and gate["value"] == pytest.approx(
+        ppl["tokens_per_s_after"] / ppl["tokens_per_s_before"]
+    )
+    with pytest.raises(InputError, match="min_speedup needs the speed"):
+        prunecli.compress({**recipe, "speed": False})
+
+
+def test_compare_throughput_times_every_model_each_round() -> None:
+    from conftest import build_tiny_llama
+
+    from prunecli.evaluate import compare_throughput
+
+    a, b = build_tiny_llama(seed=0), build_tiny_llama(seed=1)
+    got = compare_throughput({"a": a, "b": b}, seqlen=16, rounds=3)
+    assert set(got) == {"a", "b"} and all(len(v["times"]) == 3 for v in got.values())
+    assert got["a"]["tokens_per_s"] == pytest.approx(16 / sorted(got["a"]["times"])[1])
+
+
+def test_inspect_draws_the_kept_widths_per_layer(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "pruned"
+    recipe = {
+        "model": str(tiny_llama_dir),
+        "method": "magnitude",
+        "sparsity": 0.3,
+        "ignore": ["model.layers.0.*"],
+    }
+    report = prunecli.compress(recipe, output=str(out), on_warning=lambda message: None)
+    assert "trust_remote_code=True" in report.load_hint  # widths differ by layer
+    removed = report.plan["removals"]
+    heads_gone = len(removed.get("model.layers.1.self_attn:heads", []))
+    channels_gone = len(removed.get("model.layers.1.mlp:channels", []))
+    data = json.loads(invoke("inspect", out, "--json").stdout)
+    widths = data["kept_widths"]
+    assert widths["layers"] == [0, 1] and widths["attention heads"][0] == widths["MLP channels"][0] == 1.0
+    assert widths["attention heads"][1] == pytest.approx((4 - heads_gone) / 4)
+    assert widths["MLP channels"][1] == pytest.approx((128 - channels_gone) / 128) and channels_gone > 0
+    human = invoke("inspect", out)
+    assert "kept widths per layer" in human.stdout and "MLP channels" in human.stdout
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "widths.png"
+    result = invoke("inspect", out, "--plot", png, "--quiet")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.strip() == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(invoke("inspect", tiny_llama_dir, "--json").stdout)["kept_widths"]["MLP channels"] == [
+        1.0,
+        1.0,
+    ]
+
+
+def test_cache_list_and_clear(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PRUNECLI_CACHE", str(tmp_path / "cache"))  # never the real cache
+    entry = tmp_path / "cache" / "gguf" / "tiny-0123"
+    entry.mkdir(parents=True)
+    (entry / "model.safetensors").write_bytes(b"x" * 1000)
+    (entry / "prunecli-cache.json").write_text(json.dumps({"fingerprint": {"source": "/models/tiny.gguf"}}))
+    (tmp_path / "cache" / "assembled").mkdir()
+    (tmp_path / "cache" / "assembled" / "big.gguf").write_bytes(b"y" * 500)
+    (tmp_path / "cache" / "gguf" / ".tiny-0456.tmp").mkdir()  # being written: not an entry
+
+    listed = json.loads(invoke("cache", "list", "--json").stdout)
+    names = {e["name"]: e for e in listed["entries"]}
+    assert set(names) == {"gguf/tiny-0123", "assembled/big.gguf"}
+    assert (
+        names["assembled/big.gguf"]["bytes"] == 500
+        and names["gguf/tiny-0123"]["source"] == "/models/tiny.gguf"
+    )
+    assert listed["bytes"] == 500 + names["gguf/tiny-0123"]["bytes"]
+
+    bad = invoke("cache", "clear", "gguf/nope")
+    assert bad.exit_code == 2 and "not a cache entry" in bad.stderr and entry.is_dir()
+    assert invoke("cache", "clear").exit_code == 2  # neither names nor --all
+    result = invoke("cache", "clear", "gguf/tiny-0123", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["removed"][0]["name"] == "gguf/tiny-0123"
+    assert not entry.exists() and (tmp_path / "cache" / "assembled" / "big.gguf").is_file()
+    assert invoke("cache", "clear", "--all", "-q").stdout.strip() == "500 B"
+    assert json.loads(invoke("cache", "list", "--json").stdout)["entries"] == []

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
+from prunecli.cli import cache_cmd as _cache
 from prunecli.cli import compress as _compress
 from prunecli.cli import eval_cmd as _eval
 from prunecli.cli import graph as _graph
@@ -129,6 +130,7 @@ app.command("recover", no_args_is_help=True)(_recover.recover_model)
 app.command("run", no_args_is_help=True)(_run.run_recipe)
 app.command("methods")(_methods.list_methods)
 app.add_typer(_models.app, name="models")
+app.add_typer(_cache.app, name="cache")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

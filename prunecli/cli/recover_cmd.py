@@ -59,7 +59,7 @@ def recover_model(
 
     Example:
 
-      prunecli recover out/flap50 --data mansfieldpark.txt --steps 200 --eval-data persuasion.txt -o out/flap50-rec
+      prunecli recover out/flap50 --data builtin:sample --steps 200 --eval-data builtin:heldout -o out/flap50-rec
     """
     from prunecli.checkpoint import save_checkpoint
     from prunecli.data import eval_windows

@@ -59,7 +59,7 @@ def run_recipe(
     Paths in a recipe are relative to the recipe file; the effective recipe (absolute paths,
     `extends:` resolved) is saved as recipe.yaml beside the checkpoint and replays from anywhere.
 
-    Examples:
+    Examples (the recipes/ folder is in the repository):
 
       prunecli run recipes/smollm2-magnitude-20.yaml
 

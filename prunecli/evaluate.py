@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import statistics
 import time
@@ -313,6 +314,95 @@ def max_length_warning(model: nn.Module, seqlen: int) -> str | None:
             "perplexity beyond it is not meaningful (lower --seqlen / --eval-seqlen)"
         )
     return None
+
+
+def task_accuracy(
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: list[str],
+    *,
+    task_dirs: list[str] | None = None,
+    limit: int | None = None,
+    batch_size: int = 1,
+    num_fewshot: int | None = None,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Zero-shot (or few-shot) task scores through lm-evaluation-harness, on the model object.
+
+    The model is passed as an object (``HFLM(pretrained=model)``), so a checkpoint whose widths
+    differ by layer needs no remote code. Needs the optional ``prunecli[eval]`` extra.
+
+    Args:
+        model: a causal LM (e.g. ``prunecli.load_model(DIR).model``).
+        tokenizer: its tokenizer.
+        tasks: lm-eval task names, e.g. ``["hellaswag", "arc_easy"]``.
+        task_dirs: folders of extra task YAML files (local tasks).
+        limit: evaluate at most this many documents per task.
+        batch_size: documents per forward pass.
+        num_fewshot: few-shot examples (default: the task's own, usually 0).
+        seed: seed of lm-eval's samplers.
+
+    Returns:
+        task -> metric -> value (``acc``, ``acc_norm``, ... and their ``_stderr``).
+
+    Example:
+        >>> task_accuracy(loaded.model, loaded.tokenizer, ["arc_easy"], limit=100)  # doctest: +SKIP
+        {'arc_easy': {'acc': 0.58, 'acc_stderr': 0.049, 'acc_norm': 0.52, ...}}
+    """
+    from prunecli.errors import DependencyMissingError
+
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise DependencyMissingError(
+            "task evaluation needs lm-evaluation-harness", hint="pip install 'prunecli[eval]'"
+        ) from exc
+    manager = TaskManager(verbosity="ERROR", include_path=list(task_dirs) if task_dirs else None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise InputError(
+            f"unknown lm-eval task {unknown[0]!r}",
+            hint="see `lm-eval ls tasks`; a local task is a YAML file in a folder passed with --task-dir",
+        )
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(_device(model)))
+    # lm-eval draws its own tqdm bars on stderr; prunecli prints results, not bars
+    with contextlib.redirect_stderr(io.StringIO()):
+        results = _simple_evaluate(lm_eval, lm, tasks, limit, num_fewshot, manager, seed)
+    out: dict[str, dict[str, float]] = {}
+    for task, metrics in (results or {}).get("results", {}).items():
+        out[task] = {
+            k.split(",")[0]: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and "," in k
+        }
+    return out
+
+
+def _simple_evaluate(
+    lm_eval: Any,
+    lm: Any,
+    tasks: list[str],
+    limit: int | None,
+    num_fewshot: int | None,
+    manager: Any,
+    seed: int,
+) -> Any:
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        limit=limit,
+        num_fewshot=num_fewshot,
+        task_manager=manager,
+        log_samples=False,
+        verbosity="ERROR",
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+        bootstrap_iters=0,
+    )
 
 
 # -- helpers ---------------------------------------------------------------------------------

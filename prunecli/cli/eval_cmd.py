@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -35,15 +36,38 @@ def eval_model(
         ),
     ],
     data: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--data",
-            help="Text to evaluate on: a .txt/.jsonl file, a folder of .txt files, builtin:heldout (shipped), "
+            help="Text for perplexity: a .txt/.jsonl file, a folder of .txt files, builtin:heldout (shipped), "
             "or hf:NAME[:CONFIG]:SPLIT[:FIELD].",
             metavar="SRC",
             show_default=False,
         ),
-    ],
+    ] = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            "--tasks",
+            help="lm-evaluation-harness tasks, comma-separated (e.g. hellaswag,arc_easy); needs prunecli[eval]. "
+            "The loaded model object is evaluated, so per-layer checkpoints need no remote code.",
+            metavar="NAMES",
+            show_default=False,
+        ),
+    ] = None,
+    task_dir: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--task-dir",
+            help="Folder of extra lm-eval task YAML files (repeatable).",
+            metavar="DIR",
+            show_default=False,
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", min=1, help="At most N documents per task.", metavar="N", show_default=False),
+    ] = None,
     seqlen: SeqlenOpt = 512,
     max_windows: MaxWindowsOpt = None,
     text_field: TextFieldOpt = "text",
@@ -81,10 +105,21 @@ def eval_model(
 
     if jsonl and json:
         raise InputError("--json and --jsonl both given", hint="pick one: --json (one document) or --jsonl")
+    task_names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+    if data is None and not task_names:
+        raise InputError(
+            "nothing to evaluate", hint="pass --data SRC (perplexity) and/or --tasks NAMES (lm-eval)"
+        )
+    for folder in task_dir or []:
+        if not folder.is_dir():
+            raise InputError(
+                f"--task-dir: no such folder: {folder}", hint="pass a folder of lm-eval task YAML files"
+            )
     specs = read_model_names(models, sys.stdin)
     for spec in specs:  # every name is checked before the first model is loaded
         classify_spec(spec, allow_pickle=allow_pickle)
-    check_data_source(data, "--data")
+    if data is not None:
+        check_data_source(data, "--data")
     out = Output(json=json or jsonl, quiet=quiet)
     reports: list[dict[str, Any]] = []
     for spec in specs:
@@ -97,20 +132,33 @@ def eval_model(
                 trust_remote_code=trust_remote_code,
                 progress=progress,
             )
-            warning = max_length_warning(loaded.model, seqlen)
-            if warning:
-                out.warn(warning)
-            windows = eval_windows(
-                loaded.tokenizer,
-                data,
-                seqlen=seqlen,
-                max_windows=max_windows,
-                text_field=text_field,
-                progress=progress,
-            )
-            metrics = dict(
-                evaluate(loaded.model, windows, progress=progress, measure_throughput=not no_speed)
-            )
+            metrics: dict[str, Any] = {}
+            if data is not None:
+                warning = max_length_warning(loaded.model, seqlen)
+                if warning:
+                    out.warn(warning)
+                windows = eval_windows(
+                    loaded.tokenizer,
+                    data,
+                    seqlen=seqlen,
+                    max_windows=max_windows,
+                    text_field=text_field,
+                    progress=progress,
+                )
+                metrics = dict(
+                    evaluate(loaded.model, windows, progress=progress, measure_throughput=not no_speed)
+                )
+            if task_names:
+                from prunecli.evaluate import count_parameters, task_accuracy
+
+                metrics.setdefault("params", count_parameters(loaded.model))
+                metrics["tasks"] = task_accuracy(
+                    loaded.model,
+                    loaded.tokenizer,
+                    task_names,
+                    task_dirs=[str(d) for d in task_dir or []],
+                    limit=limit,
+                )
         report: dict[str, Any] = {
             "model": spec,
             "source": str(loaded.source),
@@ -127,12 +175,19 @@ def eval_model(
         return
     if len(reports) == 1:
         report = reports[0]
-        out.result(
-            report, lambda console: render_eval(console, report), quiet_line=f"{report['perplexity']:.4f}"
-        )
+        out.result(report, lambda console: render_eval(console, report), quiet_line=_headline(report))
         return
-    lines = "\n".join(f"{r['model']}\t{r['perplexity']:.4f}" for r in reports)
+    lines = "\n".join(f"{r['model']}\t{_headline(r)}" for r in reports)
     out.result(reports, lambda console: render_many(console, reports), quiet_line=lines)
+
+
+def _headline(report: dict[str, Any]) -> str:
+    """Perplexity, else the first task's accuracy (``--quiet``)."""
+    if report.get("perplexity") is not None:
+        return f"{report['perplexity']:.4f}"
+    first = next(iter((report.get("tasks") or {}).values()), {})
+    value = first.get("acc", next(iter(first.values()), float("nan")))
+    return f"{value:.4f}"
 
 
 def read_model_names(models: list[str], stdin: Any) -> list[str]:
@@ -190,29 +245,34 @@ def to_json_line(data: Any) -> str:
 
 def render_many(console: Console, reports: list[dict[str, Any]]) -> None:
     """One row per model."""
-    table = Table(title=f"perplexity on {reports[0]['data']}")
+    what = f"perplexity on {reports[0]['data']}" if reports[0].get("data") else "first task's accuracy"
+    table = Table(title=what)
     table.add_column("model")
-    table.add_column("perplexity", justify="right")
+    table.add_column("perplexity" if reports[0].get("data") else "accuracy", justify="right")
     table.add_column("parameters", justify="right")
     table.add_column("tokens/s", justify="right")
     for r in reports:
         tps = r.get("tokens_per_s")
-        table.add_row(
-            r["model"], f"{r['perplexity']:.3f}", f"{r['params']:,}", "-" if tps is None else f"{tps:,.0f}"
-        )
+        table.add_row(r["model"], _headline(r), f"{r['params']:,}", "-" if tps is None else f"{tps:,.0f}")
     console.print(table)
 
 
 def render_eval(console: Console, report: dict[str, Any]) -> None:
     """Table of the evaluation metrics."""
-    table = Table(title=f"{report['model']} on {report['data']}", show_header=False)
+    title = report["model"] + (f" on {report['data']}" if report.get("data") else "")
+    table = Table(title=title, show_header=False)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    table.add_row("perplexity", f"{report['perplexity']:.3f}")
-    table.add_row("windows x tokens", f"{report['n_windows']} x {report['seqlen']}")
+    if report.get("perplexity") is not None:
+        table.add_row("perplexity", f"{report['perplexity']:.3f}")
+        table.add_row("windows x tokens", f"{report['n_windows']} x {report['seqlen']}")
     table.add_row("parameters", f"{report['params']:,}")
     if report.get("tokens_per_s") is not None:
         table.add_row("tokens/s (forward pass)", f"{report['tokens_per_s']:,.0f}")
+    for task, metrics in (report.get("tasks") or {}).items():
+        for name, value in metrics.items():
+            table.add_row(f"{task}: {name}", f"{value:.4f}")
     table.add_row("seconds: load", f"{report['load_seconds']:.1f}")
-    table.add_row("seconds: perplexity", f"{report['eval_seconds']:.1f}")
+    if report.get("eval_seconds") is not None:
+        table.add_row("seconds: perplexity", f"{report['eval_seconds']:.1f}")
     console.print(table)

@@ -264,7 +264,7 @@ def _load_hf(spec: HfSpec) -> list[str]:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if offline:
                 raise DataError(
-                    f"dataset {spec.name!r} is not in the local cache and the hub is unreachable or offline",
+                    f"cannot load dataset {spec.name!r}: it is not in the local cache and the hub is unreachable or offline",
                     hint="download it where the hub is reachable (datasets.load_dataset(...).save_to_disk(DIR)) "
                     "and pass hf:DIR:SPLIT[:FIELD], or pass a .txt/.jsonl file",
                 ) from exc

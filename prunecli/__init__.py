@@ -26,6 +26,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "prune": "prunecli.api",
+    "compress": "prunecli.pipeline",
+    "CompressOptions": "prunecli.pipeline",
+    "Report": "prunecli.pipeline",
     "PruneResult": "prunecli.api",
     "build_graph": "prunecli.graph",
     "DependencyGraph": "prunecli.graph",

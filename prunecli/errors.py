@@ -78,3 +78,21 @@ class PrunedModelError(PruneCliError):
     """
 
     exit_code = 1
+
+
+class GateError(PruneCliError):
+    """A run finished but its report fails a recipe gate (``expect:``); ``failures`` says which.
+
+    Attributes:
+        failures: one record per failed gate (see ``prunecli.recipe.check_gates``).
+        report: the run's report (the checkpoint, if any, was written).
+    """
+
+    exit_code = 3
+
+    def __init__(
+        self, message: str, failures: list | None = None, report: dict | None = None, hint: str | None = None
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.failures = list(failures or [])
+        self.report = report

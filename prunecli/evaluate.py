@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import statistics
 import time
@@ -191,6 +193,67 @@ def throughput(
     }
 
 
+def compare_throughput(
+    models: dict[str, nn.Module],
+    *,
+    seqlen: int = 512,
+    rounds: int = 5,
+    warmup: int = 1,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Prefill throughput of several models measured interleaved, as ``benchmarks/throughput.py`` does.
+
+    Each model first runs ``warmup`` untimed passes; then every round times one forward pass
+    of each model in turn, so drift on a shared machine hits all of them alike; the median
+    over rounds is reported.
+
+    Args:
+        models: name -> causal LM (same vocabulary: the same random ids feed every model).
+        seqlen: tokens per pass (batch 1).
+        rounds: timed rounds.
+        warmup: untimed passes per model first.
+        seed: seed of the generator that draws the token ids.
+
+    Returns:
+        name -> ``{"tokens_per_s", "seconds_per_forward", "times", "seqlen", "rounds",
+        "method"}``.
+    """
+    _check_positive("seqlen", seqlen)
+    _check_positive("rounds", rounds)
+    first = next(iter(models.values()))
+    vocab = min(_vocab_size(m) for m in models.values())
+    ids = torch.randint(0, vocab, (1, seqlen), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(_device(first))
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with contextlib.ExitStack() as stack, torch.inference_mode():
+        for m in models.values():
+            stack.enter_context(_eval_mode(m))
+        for m in models.values():
+            for _ in range(warmup):
+                _logits(m, ids)
+        for _ in range(rounds):
+            for name, m in models.items():
+                device = _device(m)
+                _synchronize(device)
+                start = time.perf_counter()
+                _logits(m, ids)
+                _synchronize(device)
+                times[name].append(time.perf_counter() - start)
+    how = f"interleaved, {warmup} warm-up pass, median of {rounds} rounds, batch 1 x {seqlen} tokens"
+    out = {}
+    for name, t in times.items():
+        seconds = statistics.median(t)
+        out[name] = {
+            "tokens_per_s": seqlen / seconds,
+            "seconds_per_forward": seconds,
+            "times": t,
+            "seqlen": seqlen,
+            "rounds": rounds,
+            "method": how,
+        }
+    return out
+
+
 def evaluate(
     model: nn.Module,
     windows: torch.Tensor,
@@ -238,6 +301,108 @@ def evaluate(
         "tokens_per_s": speed["tokens_per_s"] if speed else None,
         "seconds_per_forward": speed["seconds_per_forward"] if speed else None,
     }
+
+
+def max_length_warning(model: nn.Module, seqlen: int) -> str | None:
+    """A warning when ``seqlen`` exceeds the model's maximum length (its config's positions), else ``None``."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    if isinstance(limit, int) and seqlen > limit:
+        return (
+            f"evaluation windows of {seqlen} tokens exceed the model's maximum length ({limit}); "
+            "perplexity beyond it is not meaningful (lower --seqlen / --eval-seqlen)"
+        )
+    return None
+
+
+def task_accuracy(
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: list[str],
+    *,
+    task_dirs: list[str] | None = None,
+    limit: int | None = None,
+    batch_size: int = 1,
+    num_fewshot: int | None = None,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Zero-shot (or few-shot) task scores through lm-evaluation-harness, on the model object.
+
+    The model is passed as an object (``HFLM(pretrained=model)``), so a checkpoint whose widths
+    differ by layer needs no remote code. Needs the optional ``prunecli[eval]`` extra.
+
+    Args:
+        model: a causal LM (e.g. ``prunecli.load_model(DIR).model``).
+        tokenizer: its tokenizer.
+        tasks: lm-eval task names, e.g. ``["hellaswag", "arc_easy"]``.
+        task_dirs: folders of extra task YAML files (local tasks).
+        limit: evaluate at most this many documents per task.
+        batch_size: documents per forward pass.
+        num_fewshot: few-shot examples (default: the task's own, usually 0).
+        seed: seed of lm-eval's samplers.
+
+    Returns:
+        task -> metric -> value (``acc``, ``acc_norm``, ... and their ``_stderr``).
+
+    Example:
+        >>> task_accuracy(loaded.model, loaded.tokenizer, ["arc_easy"], limit=100)  # doctest: +SKIP
+        {'arc_easy': {'acc': 0.58, 'acc_stderr': 0.049, 'acc_norm': 0.52, ...}}
+    """
+    from prunecli.errors import DependencyMissingError
+
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError as exc:
+        raise DependencyMissingError(
+            "task evaluation needs lm-evaluation-harness", hint="pip install 'prunecli[eval]'"
+        ) from exc
+    manager = TaskManager(verbosity="ERROR", include_path=list(task_dirs) if task_dirs else None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise InputError(
+            f"unknown lm-eval task {unknown[0]!r}",
+            hint="see `lm-eval ls tasks`; a local task is a YAML file in a folder passed with --task-dir",
+        )
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(_device(model)))
+    # lm-eval draws its own tqdm bars on stderr; prunecli prints results, not bars
+    with contextlib.redirect_stderr(io.StringIO()):
+        results = _simple_evaluate(lm_eval, lm, tasks, limit, num_fewshot, manager, seed)
+    out: dict[str, dict[str, float]] = {}
+    for task, metrics in (results or {}).get("results", {}).items():
+        out[task] = {
+            k.split(",")[0]: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and "," in k
+        }
+    return out
+
+
+def _simple_evaluate(
+    lm_eval: Any,
+    lm: Any,
+    tasks: list[str],
+    limit: int | None,
+    num_fewshot: int | None,
+    manager: Any,
+    seed: int,
+) -> Any:
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=list(tasks),
+        limit=limit,
+        num_fewshot=num_fewshot,
+        task_manager=manager,
+        log_samples=False,
+        verbosity="ERROR",
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+        bootstrap_iters=0,
+    )
 
 
 # -- helpers ---------------------------------------------------------------------------------

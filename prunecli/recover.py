@@ -268,6 +268,7 @@ def recover(
         "losses": losses,
         "loss_first": losses[0] if losses else math.nan,
         "loss_last": losses[-1] if losses else math.nan,
+        **smoothed_losses(losses),
         "steps": len(losses),
         "seconds": round(time.perf_counter() - start, 3),
         "trainable_params": sum(p.numel() for p in params),
@@ -323,6 +324,25 @@ def recover_on_text(
         "hash": data_hash(train),
         "loss_first": log["loss_first"],
         "loss_last": log["loss_last"],
+        "loss_start": log["loss_start"],
+        "loss_end": log["loss_end"],
+        "loss_window": log["loss_window"],
         "trainable_params": log["trainable_params"],
         "seconds": log["seconds"],
     }
+
+
+def smoothed_losses(losses: list[float]) -> dict[str, Any]:
+    """Mean loss over the first and the last tenth of the steps (at least one step each).
+
+    One batch's loss swings by more than recovery changes it; the means are what a report
+    should compare. Returns ``{"loss_start", "loss_end", "loss_window"}`` (NaN when empty).
+
+    Example:
+        >>> smoothed_losses([5.0, 4.0, 3.0, 2.0, 9.0, 1.0, 1.0, 1.0, 1.0, 3.0])["loss_end"]
+        3.0
+    """
+    if not losses:
+        return {"loss_start": math.nan, "loss_end": math.nan, "loss_window": 0}
+    k = max(1, len(losses) // 10)
+    return {"loss_start": sum(losses[:k]) / k, "loss_end": sum(losses[-k:]) / k, "loss_window": k}

@@ -7,6 +7,7 @@ so a crash or an exception never leaves a half-written checkpoint. See
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -663,10 +664,28 @@ def save_checkpoint(
             (tmp / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
             _move_into_place(tmp, out, overwrite=overwrite)
             task.advance()
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in _WRITE_ERRNOS:
+            raise OutputNotWritableError(
+                f"cannot write the checkpoint to {out}: {_WRITE_ERRNOS[exc.errno]} (nothing was written)",
+                hint="free some space or choose another --output folder on a writable disk",
+            ) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+# errno of a failed write -> what to tell the user (the message of the OSError itself names a temp file)
+_WRITE_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EFBIG: "file too large for the file system",
+}
 
 
 def _probe_inputs(model: Any) -> dict[str, Any]:

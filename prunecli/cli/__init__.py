@@ -15,12 +15,15 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
+from prunecli.cli import cache_cmd as _cache
 from prunecli.cli import compress as _compress
 from prunecli.cli import eval_cmd as _eval
 from prunecli.cli import graph as _graph
 from prunecli.cli import inspect_cmd as _inspect
+from prunecli.cli import methods_cmd as _methods
 from prunecli.cli import models as _models
 from prunecli.cli import recover_cmd as _recover
+from prunecli.cli import run_cmd as _run
 from prunecli.cli.errors import EXIT_INTERNAL, EXIT_USAGE, report, usage_line
 
 try:  # typer >= 0.22 ships its own copy of click
@@ -114,7 +117,7 @@ def _root(
 ) -> None:
     """Structured pruning of transformer LLMs into smaller checkpoints that reload in transformers.
 
-    Exit codes: 0 ok, 2 bad input or usage, 1 internal error, 130 interrupted.
+    Exit codes: 0 ok, 2 bad input or usage, 3 a recipe gate failed, 1 internal error, 130 interrupted.
     Set PRUNECLI_DEBUG=1 for tracebacks.
     """
 
@@ -124,7 +127,10 @@ app.command("eval", no_args_is_help=True)(_eval.eval_model)
 app.command("graph", no_args_is_help=True)(_graph.graph)
 app.command("inspect", no_args_is_help=True)(_inspect.inspect_model)
 app.command("recover", no_args_is_help=True)(_recover.recover_model)
+app.command("run", no_args_is_help=True)(_run.run_recipe)
+app.command("methods")(_methods.list_methods)
 app.add_typer(_models.app, name="models")
+app.add_typer(_cache.app, name="cache")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

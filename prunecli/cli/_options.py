@@ -6,12 +6,9 @@ signature, the help text and flag names live here.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
-
-from prunecli.errors import DataError
 
 MODEL_PANEL = "Model loading"
 DATA_PANEL = "Data"
@@ -113,15 +110,7 @@ MaxWindowsOpt = Annotated[
 
 
 def check_data_source(source: str | None, flag: str) -> None:
-    """Fail early when a data source names a local file or folder that does not exist.
+    """Fail early when a data source names a local file or folder that does not exist (see the pipeline's)."""
+    from prunecli.pipeline import check_data_source as check
 
-    Args:
-        source: ``None`` (the shipped sample), a path, or an ``hf:`` dataset spec.
-        flag: the option name used in the message.
-    """
-    if source is None or source.startswith("hf:") or Path(source).exists():
-        return
-    raise DataError(
-        f"{flag}: no such file or folder: {source}",
-        hint="pass a .txt/.jsonl file, a folder of .txt files, or hf:NAME[:CONFIG]:SPLIT[:FIELD]",
-    )
+    check(source, flag)

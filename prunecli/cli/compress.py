@@ -8,11 +8,8 @@ data) -> perplexity before (``--eval-data``) -> prune -> perplexity after -> sav
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
-import time
-import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -31,58 +28,22 @@ from prunecli.cli._options import (
     QuietOpt,
     TextFieldOpt,
     TrustRemoteCodeOpt,
-    check_data_source,
 )
-from prunecli.cli._recipe import coerce_options, load_recipe, parse_set
 from prunecli.cli.output import Output, library_bars_off
-from prunecli.errors import InputError
+from prunecli.errors import GateError
+from prunecli.pipeline import (  # noqa: F401  (the names the CLI tests and other commands import)
+    DEFAULT_CALIB,
+    CompressOptions,
+    canonical_method,
+    check_processes,
+    choose_memory_plan,
+    read_verify,
+    resolve_options,
+)
+from prunecli.pipeline import backend as _backend
 
 METHOD_PANEL = "Method"
 RUN_PANEL = "Calibration run"
-DEFAULT_CALIB = {"nsamples": 128, "seqlen": 128}
-"""Windows and their length for methods whose config has no calibration size (recovery uses seqlen)."""
-
-
-@dataclasses.dataclass
-class CompressOptions:
-    """The effective options of one ``compress`` run (command line merged over a recipe)."""
-
-    model: str
-    method: str
-    sparsity: float
-    output: str | None = None
-    overwrite: bool = False
-    calib: str | None = None
-    text_field: str = "text"
-    nsamples: int = 128  # resolve_options fills in the method's default when none is given
-    seqlen: int = 128
-    seed: int = 0
-    round_to: int = 1
-    ignore: list[str] = dataclasses.field(default_factory=list)
-    set: dict[str, Any] = dataclasses.field(default_factory=dict)
-    eval_data: str | None = None
-    eval_seqlen: int = 512
-    max_windows: int | None = None
-    recover_steps: int = 0
-    recover_data: str | None = None
-    dtype: str = "auto"
-    device: str = "cpu"
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-    verify: bool = True
-    sequential: bool = False
-    max_memory: str | None = None
-    refit: bool = False
-    nproc: int = 1
-
-    def to_recipe(self) -> dict[str, Any]:
-        """The options as a recipe mapping (``--recipe`` re-runs it; security flags left out)."""
-        d = dataclasses.asdict(self)
-        for key in ("overwrite", "allow_pickle", "trust_remote_code", "verify"):
-            d.pop(key)
-        if d["nproc"] == 1:
-            d.pop("nproc")
-        return {k: v for k, v in d.items() if v is not None and v != [] and v != {}}
 
 
 def compress(
@@ -304,6 +265,14 @@ def compress(
             rich_help_panel=DATA_PANEL,
         ),
     ] = 1,
+    no_speed: Annotated[
+        bool,
+        typer.Option(
+            "--no-speed",
+            help="Do not measure forward-pass tokens/s before and after (it needs a second copy of the model).",
+            rich_help_panel=DATA_PANEL,
+        ),
+    ] = False,
     recipe: Annotated[
         Path | None,
         typer.Option(
@@ -320,11 +289,11 @@ def compress(
 
     Examples:
 
-      prunecli compress smollm2-135m --method flap --sparsity 0.2 -o smollm2-flap-20
+      prunecli compress smollm2-135m --method magnitude --sparsity 0.2 -o out/smollm2-mag-20
 
-      prunecli compress ./my-llama -m wanda-sp -s 0.5 --calib emma.txt --eval-data persuasion.txt --json
+      prunecli compress smollm2-135m -m flap -s 0.2 --nsamples 32 --max-windows 4 --eval-data builtin:heldout
 
-      prunecli compress --recipe recipes/smollm2-magnitude-20.yaml --sparsity 0.3
+      prunecli compress --recipe my-recipe.yaml --sparsity 0.3 --json
     """
     given = {
         "model": model,
@@ -354,15 +323,16 @@ def compress(
         "max_memory": max_memory,
         "refit": refit,
         "nproc": nproc,
+        "speed": not no_speed,
     }
-    param_names = {"set": "set_", "verify": "no_verify"}
+    param_names = {"set": "set_", "verify": "no_verify", "speed": "no_speed"}
     on_command_line = {
         key
         for key in given
         if _source_name(ctx, param_names.get(key, key)) not in ("DEFAULT", "DEFAULT_MAP", None)
     }
-    opts, config = resolve_options(given, on_command_line, recipe)
     out = Output(json=json, quiet=quiet)
+    opts, config = resolve_options(given, on_command_line, recipe)
     if opts.nproc > 1 and "WORLD_SIZE" not in os.environ:  # under torchrun the ranks already exist
         from prunecli.calibrate.launch import launch
 
@@ -378,403 +348,45 @@ def _source_name(ctx: typer.Context, name: str) -> str | None:
     return source.name if source is not None else None
 
 
-def resolve_options(
-    given: dict[str, Any], on_command_line: set[str], recipe_path: Path | None
-) -> tuple[CompressOptions, Any]:
-    """Merge command-line values over a recipe and check everything that can be checked without the model.
-
-    Args:
-        given: every ``compress`` option as parsed (``set`` as a list of ``KEY=VALUE`` strings).
-        on_command_line: names of the options the user typed (these override the recipe).
-        recipe_path: the ``--recipe`` file, or ``None``.
-
-    Returns:
-        The effective options and the method's validated config object.
-    """
-    from prunecli.config import get_method
-
-    merged = dict(given)
-    recipe = load_recipe(recipe_path) if recipe_path is not None else {}
-    for key, value in recipe.items():
-        if key == "set":
-            continue
-        if key not in on_command_line:
-            merged[key] = value
-
-    if not merged.get("model"):
-        raise InputError(
-            "missing MODEL", hint="pass a model folder, .gguf file, hub id or alias (or use --recipe)"
-        )
-    if not merged.get("method"):
-        raise InputError("missing --method", hint="e.g. --method magnitude (or use --recipe)")
-    if merged.get("sparsity") is None:
-        raise InputError("missing --sparsity", hint="e.g. --sparsity 0.2 removes 20% of the block parameters")
-    for key in ("nsamples", "seqlen", "eval_seqlen", "max_windows", "round_to", "nproc"):
-        value = merged.get(key)
-        if value is not None and value < 1:
-            raise InputError(f"{key} must be a positive integer, got {value}")
-    if int(merged.get("recover_steps") or 0) < 0:
-        raise InputError(f"recover_steps must be >= 0, got {merged['recover_steps']}")
-    if merged.get("max_memory") is not None:
-        from prunecli.calibrate.memory import parse_size
-
-        parse_size(merged["max_memory"])
-
-    from prunecli.models import classify_spec, resolve_dtype
-
-    kind, target = classify_spec(str(merged["model"]), allow_pickle=bool(merged["allow_pickle"]))
-    resolve_dtype(merged["dtype"])
-    merged["method"] = canonical_method(str(merged["method"]))
-    nproc = int(merged.get("nproc") or 1)
-    check_processes(merged["method"], int(merged.get("recover_steps") or 0), nproc, str(merged["device"]))
-    config_cls, _ = get_method(merged["method"])
-    method_options = coerce_options(recipe.get("set", {}), config_cls)
-    method_options.update(parse_set(merged["set"], config_cls))
-    # calibration size: --nsamples/--seqlen (or the recipe's) override the method's paper default
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    calib_size = {
-        key: int(merged[key])
-        for key in ("nsamples", "seqlen")
-        if key in fields and merged.get(key) is not None and (key in on_command_line or key in recipe)
-    }
-    try:
-        config = config_cls(
-            sparsity=float(merged["sparsity"]),
-            round_to=int(merged["round_to"]),
-            seed=int(merged["seed"]),
-            ignore=tuple(merged["ignore"]),
-            **{**method_options, **calib_size},
-        )
-    except (TypeError, ValueError) as e:
-        raise InputError(f"invalid options for method {merged['method']!r}: {e}") from None
-    merged["set"] = {k: v for k, v in method_options.items() if k not in ("nsamples", "seqlen")}
-    for key in ("nsamples", "seqlen"):
-        merged[key] = getattr(config, key) if key in fields else (merged.get(key) or DEFAULT_CALIB[key])
-    opts = CompressOptions(**merged)
-
-    if opts.output is not None:
-        from prunecli.checkpoint.save import check_output_dir
-
-        # Before the model is loaded: --overwrite replaces only a prunecli checkpoint, never the
-        # input model, the current directory or its ancestors; the folder must be writable.
-        check_output_dir(opts.output, overwrite=opts.overwrite, inputs=(target,) if kind != "hub" else ())
-    for flag, source in (
-        ("--calib", opts.calib),
-        ("--eval-data", opts.eval_data),
-        ("--recover-data", opts.recover_data),
-    ):
-        check_data_source(source, flag)
-    return opts, config
-
-
-def check_processes(method: str, recover_steps: int, nproc: int, device: str | None = None) -> None:
-    """Refuse, before anything is loaded, what cannot run in ``nproc`` data-parallel processes.
-
-    Args:
-        method: the method's registered name.
-        recover_steps: ``--recover-steps``.
-        nproc: number of processes (``--nproc``, or torchrun's ``WORLD_SIZE``).
-        device: ``--device`` when this machine's processes are launched here (``--nproc``):
-            with CUDA, rank r uses GPU r. ``None`` under torchrun.
-    """
-    if nproc <= 1:
-        return
-    if recover_steps:
-        raise InputError(
-            f"--recover-steps cannot run in {nproc} processes: LoRA recovery is not data-parallel",
-            hint="drop --nproc, or run `prunecli recover` on the saved checkpoint",
-        )
-    if method == "loraprune":
-        raise InputError(
-            f"loraprune cannot run in {nproc} processes: its LoRA training is not data-parallel",
-            hint="drop --nproc (or use flap, cfsp or wanda-sp)",
-        )
-    if device is not None and _backend(device) == "nccl":
-        import torch
-
-        if ":" in device:
-            raise InputError(
-                f"--nproc {nproc} with --device {device}", hint="pass --device cuda: rank r uses GPU r"
-            )
-        if nproc > torch.cuda.device_count():
-            raise InputError(
-                f"--nproc {nproc} with --device cuda needs {nproc} GPUs, found {torch.cuda.device_count()}",
-                hint="lower --nproc to the number of GPUs, or use --device cpu",
-            )
-
-
-def _backend(device: str) -> str:
-    return "nccl" if device.split(":")[0] == "cuda" else "gloo"
-
-
-def canonical_method(name: str) -> str:
-    """The registered spelling of a method name (``wanda_sp``, ``wanda-sp`` and ``Wanda-SP`` are the same).
-
-    Unknown names are returned unchanged (``get_method`` then reports them).
-    """
-    from prunecli.config import method_names
-
-    def key(text: str) -> str:
-        return text.lower().replace("-", "_")
-
-    matches = [m for m in method_names() if key(m) == key(name)]
-    return matches[0] if matches else name
-
-
 def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, Any]:
-    """Load, prune, evaluate and save as ``opts`` says; print and return the report.
+    """Run the library pipeline (:func:`prunecli.pipeline.run`) for ``opts``; print and return the report.
 
     Args:
         opts: effective options (from :func:`resolve_options`).
         config: the method's config object.
         out: where to print.
+
+    Raises:
+        GateError: a gate of the recipe failed (after the report was printed).
     """
-    from prunecli.api import SparsityWarning, prune
-    from prunecli.calibrate import Runner, distributed
-    from prunecli.data import calibration_windows, data_hash, eval_windows
-    from prunecli.evaluate import count_parameters, evaluate
-    from prunecli.models import load_model
+    from prunecli import pipeline
 
     # data parallel (--nproc, torchrun): every rank loads, calibrates and prunes; rank 0 alone
     # evaluates, saves and prints
-    check_processes(opts.method, opts.recover_steps, distributed.env_world_size())
-    if int(os.environ.get("RANK", "0") or 0) > 0:
-        out = Output(quiet=True)
-    if opts.calib is not None and not config.needs_data and not opts.refit:
-        out.warn(f"method {opts.method!r} uses no calibration data; --calib is ignored")
-    if opts.eval_data is not None and opts.calib is not None and opts.eval_data == opts.calib:
-        out.warn("calibrating and evaluating on the same text makes the perplexity look better than it is")
-
-    memory = choose_memory_plan(opts, config)
-    if memory is not None and memory.offload:
-        if opts.refit:
-            raise InputError(
-                f"--refit rewrites the projections, which are not in memory in this run ({memory.reason})",
-                hint="drop --refit, or run where the model fits (without --sequential / --max-memory)",
-            )
-        if opts.recover_steps:
-            raise InputError(
-                "--recover-steps fine-tunes the whole model, which is not in memory in this run "
-                f"({memory.reason})",
-                hint="recover the saved checkpoint on a machine that holds it: prunecli recover OUT ...",
-            )
-
-    seconds: dict[str, float] = {}
-    started = time.perf_counter()
-    with distributed.session(opts.device) as (rank, world), library_bars_off(), out.progress() as progress:
-        loaded = load_model(
-            opts.model,
-            dtype=opts.dtype,
-            device=opts.device,
-            allow_pickle=opts.allow_pickle,
-            trust_remote_code=opts.trust_remote_code,
-            progress=progress,
-            offload=bool(memory is not None and memory.offload),
-        )
-        seconds["load"] = loaded.load_seconds
-        runner = Runner(
-            mode=memory.mode if memory is not None else "whole", device=opts.device, weights=loaded.weights
-        )
-        model, tokenizer = loaded.model, loaded.tokenizer
-
-        calib = None
-        calibration: dict[str, Any] | None = None
-        if config.needs_data or opts.refit:
-            t = time.perf_counter()
-            calib = calibration_windows(
-                tokenizer,
-                opts.calib,
-                nsamples=opts.nsamples,
-                seqlen=opts.seqlen,
-                seed=opts.seed,
-                text_field=opts.text_field,
-                progress=progress,
-            )
-            seconds["calibration"] = time.perf_counter() - t
-            calibration = {
-                "source": opts.calib if opts.calib is not None else "prunecli/data/sample.txt",
-                "text_field": opts.text_field,
-                "nsamples": int(calib.shape[0]),
-                "seqlen": int(calib.shape[1]),
-                "seed": opts.seed,
-                "hash": data_hash(calib),
-                "processes": world,
-            }
-
-        windows = None
-        ppl_before = ppl_after = None
-        if opts.eval_data is not None and rank == 0:
-            windows = eval_windows(
-                tokenizer,
-                opts.eval_data,
-                seqlen=opts.eval_seqlen,
-                max_windows=opts.max_windows,
-                text_field=opts.text_field,
-                progress=progress,
-            )
-            t = time.perf_counter()
-            ppl_before = evaluate(model, windows, progress=progress, runner=runner)
-            seconds["eval_before"] = time.perf_counter() - t
-
-        params_before = count_parameters(model)
-        t = time.perf_counter()
-        with warnings.catch_warnings():  # printed once below, through `out`
-            warnings.simplefilter("ignore", SparsityWarning)
-            result = prune(model, config, calib=calib, progress=progress, runner=runner, refit=opts.refit)
-        seconds["prune"] = time.perf_counter() - t
-        for message in result.warnings:
-            out.warn(message)
-        params_after = count_parameters(model)
-
-        recovery = None
-        if opts.recover_steps:
-            from prunecli.recover import recover_on_text
-
-            recovery = recover_on_text(
-                model,
-                tokenizer,
-                opts.recover_data if opts.recover_data is not None else opts.calib,
-                steps=opts.recover_steps,
-                seqlen=opts.seqlen,
-                seed=opts.seed,
-                text_field=opts.text_field,
-                progress=progress,
-            )
-            seconds["recover"] = recovery["seconds"]
-
-        if windows is not None:
-            t = time.perf_counter()
-            ppl_after = evaluate(model, windows, progress=progress, runner=runner)
-            seconds["eval_after"] = time.perf_counter() - t
-
-        summary = result.summary.to_dict()
-        plan = result.plan
-        report: dict[str, Any] = {
-            "model": opts.model,
-            "source": str(loaded.source),
-            "kind": loaded.kind,
-            "dtype": loaded.dtype,
-            "method": opts.method,
-            "config": config.to_dict(),
-            "calibration": calibration,
-            "memory": _memory_section(memory, runner),
-            "refit": result.plan.meta.get("refit"),
-            "params": _params_section(params_before, params_after, summary),
-            "sparsity": {},
-            "perplexity": _perplexity_section(opts, windows, ppl_before, ppl_after),
-            "seconds": seconds,
-            "prune_steps_seconds": dict(getattr(result, "seconds", {}) or {}),
-            "output": None,
-            "verify": None,
-            "plan": _plan_section(plan),
-            "summary": summary,
-            "recovery": recovery,
-            "tyr": plan.meta.get("tyr"),
-        }
-        # sparsity is a share of every attention + MLP block, locked or ignored ones included
-        report["params"]["blocks_before"] = result.block_params_before
-        report["params"]["blocks_after"] = result.block_params_after
-        report["sparsity"] = _sparsity_section(config.sparsity, report["params"])
-        report["warnings"] = list(result.warnings)
-
-        if opts.output is not None and rank == 0:
-            from prunecli.checkpoint import save_checkpoint
-
-            provenance = {
-                "model": {"spec": opts.model, "source": str(loaded.source), "kind": loaded.kind},
-                "method": opts.method,
-                "config": config.to_dict(),
-                "calibration": calibration,
-                "plan": plan.to_dict(),
-                "recovery": recovery,
-                "summary": summary,
-                "params": report["params"],
-                "perplexity": report["perplexity"],
-                "recipe": opts.to_recipe(),
-            }
-            t = time.perf_counter()
-            path = save_checkpoint(
-                model,
-                tokenizer,
-                Path(opts.output),
-                provenance=provenance,
-                overwrite=opts.overwrite,
-                verify=opts.verify,
-                progress=progress,
-                weights=loaded.weights,
-                add_files=_tyr_plot(plan.meta.get("tyr")),
-            )
-            seconds["save"] = time.perf_counter() - t
-            report["output"] = str(path)
-            report["verify"] = read_verify(path)
-    seconds["total"] = time.perf_counter() - started
+    rank = int(os.environ.get("RANK", "0") or 0)
     if rank > 0:
-        return report
-
-    out.result(report, lambda console: render_report(console, report), quiet_line=report["output"])
-    return report
-
-
-def _tyr_plot(meta: dict[str, Any] | None) -> Any:
-    """Writer of ``tyr_sparsity.png`` (Týr's per-layer sparsity) into a checkpoint folder."""
-    if not meta:
-        return None
-
-    def write(folder: Path) -> None:
-        from prunecli.methods.tyr import write_plot
-
-        write_plot(folder / "tyr_sparsity.png", meta)
-
-    return write
+        out = Output(quiet=True)
+    with library_bars_off(), out.progress() as progress:
+        report = pipeline.run(opts, config, progress=progress, on_warning=out.warn, check_gates=False)
+    data = report.to_dict()
+    if rank > 0:
+        return data
+    out.result(data, lambda console: render_report(console, data), quiet_line=report.output)
+    raise_for_gates(report)
+    return data
 
 
-def choose_memory_plan(opts: CompressOptions, config: Any) -> Any:
-    """Whole-model or layer-sequential (offloaded) calibration for ``--sequential`` / ``--max-memory``.
-
-    Returns ``None`` when neither was given (whole model, as always).
-    """
-    if not opts.sequential and opts.max_memory is None:
-        return None
-    from prunecli.calibrate.memory import parse_size, plan_memory
-    from prunecli.models import classify_spec
-    from prunecli.models.files import weight_files
-    from prunecli.models.loading import _load_config, load_dtype, local_folder
-
-    kind, target = classify_spec(opts.model, allow_pickle=opts.allow_pickle)
-    folder = local_folder(kind, target)
-    model_config = _load_config(str(folder), trust_remote_code=opts.trust_remote_code, hub=False)
-    dtype = load_dtype(kind, target, opts.dtype, model_config)
-    nsamples = int(getattr(config, "nsamples", opts.nsamples) or opts.nsamples)
-    seqlen = int(getattr(config, "seqlen", opts.seqlen) or opts.seqlen)
-    return plan_memory(
-        model_config,
-        dtype=dtype,
-        max_memory=parse_size(opts.max_memory) if opts.max_memory is not None else None,
-        nsamples=nsamples,
-        seqlen=seqlen,
-        sequential=opts.sequential,
-        can_offload=bool(weight_files(folder)),
-    )
-
-
-def _memory_section(memory: Any, runner: Any) -> dict[str, Any]:
-    if memory is None:
-        return {"mode": runner.mode, "offload": False, "reason": "default (the whole model in memory)"}
-    return {
-        "mode": memory.mode,
-        "offload": memory.offload,
-        "reason": memory.reason,
-        "estimated_bytes": memory.sequential_bytes if memory.mode == "sequential" else memory.whole_bytes,
-    }
-
-
-def read_verify(path: Path) -> dict[str, Any] | None:
-    """The ``verify`` record that ``save_checkpoint`` wrote into the checkpoint's ``prunecli.json``."""
-    from prunecli.checkpoint import PROVENANCE_FILE
-    from prunecli.models.files import read_json
-
-    value = read_json(Path(path) / PROVENANCE_FILE).get("verify")
-    return value if isinstance(value, dict) else None
+def raise_for_gates(report: Any) -> None:
+    """Raise :class:`GateError` (exit code 3) when a gate of the report failed."""
+    failed = report.failed_gates
+    if failed:
+        raise GateError(
+            f"{len(failed)} of {len(report.gates)} gates failed: " + "; ".join(g["message"] for g in failed),
+            failures=failed,
+            report=report.to_dict(),
+            hint="loosen `expect:` in the recipe, or change the method or sparsity"
+            + (f"; the checkpoint is in {report.output}" if report.output else ""),
+        )
 
 
 def verify_line(verify: dict[str, Any] | None) -> str | None:
@@ -791,53 +403,6 @@ def verify_line(verify: dict[str, Any] | None) -> str | None:
     if check == "shapes":
         return f"verified: tensor shapes only; logit check skipped ({verify.get('reason')})"
     return f"not verified ({verify.get('reason', 'turned off')})"
-
-
-def _params_section(before: int, after: int, summary: dict[str, Any]) -> dict[str, Any]:
-    blocks_before = summary.get("block_params_before")
-    blocks_after = summary.get("block_params_after")
-    return {
-        "before": before,
-        "after": after,
-        "removed": before - after,
-        "blocks_before": blocks_before,
-        "blocks_after": blocks_after,
-    }
-
-
-def _sparsity_section(target: float, params: dict[str, Any]) -> dict[str, Any]:
-    blocks = None
-    if params["blocks_before"] and params["blocks_after"] is not None:
-        blocks = 1.0 - params["blocks_after"] / params["blocks_before"]
-    model = 1.0 - params["after"] / params["before"] if params["before"] else None
-    return {"target": target, "blocks": blocks, "model": model}
-
-
-def _perplexity_section(
-    opts: CompressOptions, windows: Any, before: Any, after: Any
-) -> dict[str, Any] | None:
-    if windows is None:
-        return None
-    return {
-        "data": opts.eval_data,
-        "seqlen": int(windows.shape[1]),
-        "windows": int(windows.shape[0]),
-        "before": before["perplexity"],
-        "after": after["perplexity"],
-        "tokens_per_s_before": before.get("tokens_per_s"),
-        "tokens_per_s_after": after.get("tokens_per_s"),
-    }
-
-
-def _plan_section(plan: Any) -> dict[str, Any]:
-    removed = {name: len(units) for name, units in plan.removals.items()}
-    return {
-        "groups_pruned": len(removed),
-        "units_removed": sum(removed.values()),
-        "removed": removed,
-        "bias_updates": len(plan.bias_updates),
-        "fingerprint": plan.fingerprint,
-    }
 
 
 def _fmt_int(n: int | None) -> str:
@@ -887,17 +452,26 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
         )
         if ppl["tokens_per_s_before"] is not None and ppl["tokens_per_s_after"] is not None:
             table.add_row(
-                f"tokens/s (forward of {ppl['seqlen']} tokens)",
+                "tokens/s (forward, median of interleaved rounds)",
                 f"{ppl['tokens_per_s_before']:,.0f}",
                 f"{ppl['tokens_per_s_after']:,.0f}",
                 _fmt_change(ppl["tokens_per_s_before"], ppl["tokens_per_s_after"]),
             )
+    recovery = report.get("recovery")
+    if recovery:
+        table.add_row(
+            f"recovery loss ({recovery['steps']} steps, mean of {recovery['loss_window']})",
+            f"{recovery['loss_start']:.3f}",
+            f"{recovery['loss_end']:.3f}",
+            _fmt_change(recovery["loss_start"], recovery["loss_end"]),
+        )
     secs = report["seconds"]
     table.add_section()
     for key, label in (
         ("load", "seconds: load"),
         ("calibration", "seconds: calibration data"),
         ("prune", "seconds: prune"),
+        ("recover", "seconds: recovery"),
         ("eval_before", "seconds: evaluate (before / after)"),
         ("save", "seconds: save"),
     ):
@@ -949,8 +523,13 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
     calibration = report.get("calibration") or {}
     if calibration.get("processes", 1) > 1:
         console.print(f"calibrated in {calibration['processes']} processes (data parallel)", highlight=False)
+    for gate in report.get("gates") or []:
+        mark = "passed" if gate["passed"] else "FAILED"
+        console.print(f"gate {mark}: {gate['message']}", markup=False, highlight=False, soft_wrap=True)
     if report["output"]:
         console.print(f"saved to {report['output']}", markup=False, highlight=False, soft_wrap=True)
         line = verify_line(report.get("verify"))
         if line:
             console.print(line, markup=False, highlight=False, soft_wrap=True)
+        if report.get("load_hint"):
+            console.print(report["load_hint"], markup=False, highlight=False, soft_wrap=True)

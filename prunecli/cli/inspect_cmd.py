@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from pathlib import Path
+from typing import Annotated, Any
 
+import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from prunecli.cli._options import AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, TrustRemoteCodeOpt
+from prunecli.cli._options import (
+    AllowPickleOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    QuietOpt,
+    TrustRemoteCodeOpt,
+)
 from prunecli.cli.output import Output, library_bars_off
 
 # Report field -> config attributes to try, first found wins (names differ across families).
@@ -33,18 +44,37 @@ def inspect_model(
     device: DeviceOpt = "cpu",
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
+    plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--plot",
+            help="Also write a PNG bar plot of the kept widths per layer (needs matplotlib).",
+            metavar="FILE.png",
+            show_default=False,
+        ),
+    ] = None,
     json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
-    """Show MODEL's architecture, config summary and parameter count per module kind.
+    """Show MODEL's architecture, config summary, parameters per module kind and kept widths per layer.
 
-    Example:
+    For a pruned checkpoint the kept share of attention heads and MLP channels of every layer is
+    drawn as a bar chart (read from its prunecli.json plan); --plot also writes it as a PNG.
+
+    Examples:
 
       prunecli inspect smollm2-135m
+
+      prunecli inspect out/flap20 --plot widths.png
     """
+    if plot is not None and plot.suffix.lower() != ".png":
+        from prunecli.errors import InputError
+
+        raise InputError(f"--plot writes a PNG, got {plot}", hint="name the file e.g. widths.png")
     from prunecli.evaluate import count_parameters, parameter_breakdown
     from prunecli.models import load_model
 
-    out = Output(json=json)
+    out = Output(json=json, quiet=quiet)
     with library_bars_off(), out.progress() as progress:
         loaded = load_model(
             model,
@@ -67,7 +97,59 @@ def inspect_model(
         "dtype": _dtype(m),
         "load_seconds": loaded.load_seconds,
     }
-    out.result(report, lambda console: render_inspect(console, report))
+    report["kept_widths"] = kept_widths(report["config"], report["per_layer_config"], loaded.source)
+    if plot is not None:
+        from prunecli.plot import save_png
+
+        series = {k: v for k, v in report["kept_widths"].items() if k != "layers"}
+        report["plot"] = str(save_png(plot, series, f"kept widths per layer: {model}", "kept fraction"))
+    out.result(report, lambda console: render_inspect(console, report), quiet_line=report.get("plot"))
+
+
+# Plan group names: "<...>.layers.<i>.<...>:heads" / ":channels".
+_GROUP = re.compile(r"\.(?:layers|h|layer|blocks)\.(\d+)\..*:(heads|channels)$")
+
+
+def kept_widths(config: dict[str, Any], per_layer: dict[str, dict[str, Any]], source: Any) -> dict[str, list]:
+    """Kept share of attention heads and MLP channels per layer.
+
+    The current widths come from the config (global values, per-layer overrides); the removed
+    units from the plan in the checkpoint's ``prunecli.json`` (none for an unpruned model).
+
+    Returns:
+        ``{"layers": [0, 1, ...], "attention heads": [...], "MLP channels": [...]}`` (a series is
+        left out when the config has no such width).
+    """
+    from prunecli.checkpoint import PROVENANCE_FILE
+    from prunecli.models.files import read_json
+
+    n = int(config.get("layers") or 0)
+    removed: dict[tuple[int, str], int] = {}
+    prov = Path(str(source)) / PROVENANCE_FILE
+    if prov.is_file():
+        try:
+            plan = read_json(prov).get("plan") or {}
+        except Exception:  # noqa: BLE001 - a damaged record only loses the chart
+            plan = {}
+        for name, units in (plan.get("removals") or {}).items():
+            m = _GROUP.search(str(name))
+            if m and isinstance(units, list):
+                key = (int(m.group(1)), m.group(2))
+                removed[key] = removed.get(key, 0) + len(units)
+    out: dict[str, list] = {"layers": list(range(n))}
+    for label, field, kind in (
+        ("attention heads", ("heads", "num_attention_heads"), "heads"),
+        ("MLP channels", ("intermediate", "intermediate_size"), "channels"),
+    ):
+        if config.get(field[0]) is None:
+            continue
+        values = []
+        for i in range(n):
+            now = int(per_layer.get(str(i), {}).get(field[1], config[field[0]]))
+            gone = removed.get((i, kind), 0)
+            values.append(now / (now + gone) if now + gone else 1.0)
+        out[label] = values
+    return out
 
 
 def _dtype(model: Any) -> str | None:
@@ -139,3 +221,12 @@ def render_inspect(console: Console, report: dict[str, Any]) -> None:
     for kind, n in sorted(report["parameters_by_kind"].items(), key=lambda kv: -kv[1]):
         params.add_row(kind, f"{n:,}", f"{n / total:.1%}" if total else "-")
     console.print(params)
+    widths = report.get("kept_widths") or {}
+    series = {k: v for k, v in widths.items() if k != "layers"}
+    if series and widths.get("layers"):
+        from prunecli.plot import bar_chart
+
+        console.print("kept widths per layer (share of the original)", highlight=False)
+        console.print(bar_chart(series, width=20), markup=False, highlight=False, soft_wrap=True)
+    if report.get("plot"):
+        console.print(f"plot written to {report['plot']}", markup=False, highlight=False, soft_wrap=True)

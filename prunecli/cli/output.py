@@ -101,7 +101,9 @@ class Output:
 
     Args:
         json: print one JSON object on stdout instead of tables.
-        quiet: print only the essential line (e.g. the output folder), no progress.
+        quiet: print only the essential line (e.g. the output folder), no progress. With
+            ``json`` too: the JSON document on stdout and no warnings on stderr (errors still
+            get their one line).
 
     Example:
         >>> out = Output(json=True)
@@ -111,6 +113,7 @@ class Output:
 
     def __init__(self, *, json: bool = False, quiet: bool = False) -> None:
         self.mode: Mode = "json" if json else ("quiet" if quiet else "human")
+        self.quiet = quiet
         # Consoles look up sys.stdout / sys.stderr when they print, so test runners that
         # swap the streams see everything.
         self.console = Console(highlight=False, soft_wrap=False)
@@ -127,7 +130,7 @@ class Output:
 
     def warn(self, message: str) -> None:
         """A warning on stderr in human and JSON modes (never in quiet mode)."""
-        if self.mode != "quiet":
+        if not self.quiet:
             self.err.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
 
     @contextmanager

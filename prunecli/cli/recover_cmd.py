@@ -59,7 +59,7 @@ def recover_model(
 
     Example:
 
-      prunecli recover out/flap50 --data mansfieldpark.txt --steps 200 --eval-data persuasion.txt -o out/flap50-rec
+      prunecli recover out/flap50 --data builtin:sample --steps 200 --eval-data builtin:heldout -o out/flap50-rec
     """
     from prunecli.checkpoint import save_checkpoint
     from prunecli.data import eval_windows
@@ -101,6 +101,10 @@ def recover_model(
         if held is not None:
             ppl["after"] = perplexity(loaded.model, held, progress=progress)
         provenance = _input_provenance(loaded.source)
+        # the input's recipe made the input, not this folder: keep it as a record, write no recipe.yaml
+        parent_recipe = provenance.pop("recipe", None)
+        if parent_recipe is not None:
+            provenance["parent_recipe"] = parent_recipe
         provenance["recovery"] = recovery
         t = time.perf_counter()
         path = save_checkpoint(
@@ -116,7 +120,13 @@ def recover_model(
         "model": model,
         "output": str(path),
         "steps": steps,
-        "loss": {"first": recovery["loss_first"], "last": recovery["loss_last"]},
+        "loss": {
+            "first": recovery["loss_first"],
+            "last": recovery["loss_last"],
+            "start": recovery["loss_start"],
+            "end": recovery["loss_end"],
+            "window": recovery["loss_window"],
+        },
         "perplexity": ppl or None,
         "trainable_params": recovery["trainable_params"],
         "seconds": seconds,
@@ -140,7 +150,10 @@ def _render(console: Console, report: dict[str, Any]) -> None:
     table.add_column("")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
-    table.add_row("training loss", f"{report['loss']['first']:.3f}", f"{report['loss']['last']:.3f}")
+    loss = report["loss"]
+    table.add_row(
+        f"training loss (mean of {loss['window']} steps)", f"{loss['start']:.3f}", f"{loss['end']:.3f}"
+    )
     if report["perplexity"]:
         table.add_row(
             "perplexity", f"{report['perplexity']['before']:.2f}", f"{report['perplexity']['after']:.2f}"

@@ -43,9 +43,14 @@ class HfSpec:
     local: bool
 
 
-def sample_text() -> str:
-    """The shipped sample (opening chapters of Austen's *Emma*, public domain), about 190 KB."""
-    return resources.files("prunecli.data").joinpath("sample.txt").read_text(encoding="utf-8")
+def sample_text(name: str = "sample") -> str:
+    """A shipped text: ``sample`` (the opening of Austen's *Emma*, ~190 KB, the default
+    calibration text) or ``heldout`` (chapters 1-6 of *Persuasion*, ~100 KB, for evaluation)."""
+    return resources.files("prunecli.data").joinpath(BUILTIN[name]).read_text(encoding="utf-8")
+
+
+# `builtin:NAME` data sources: texts shipped inside the package, so examples need no download.
+BUILTIN = {"sample": "sample.txt", "heldout": "heldout.txt"}
 
 
 def load_texts(source: str | Path | None, *, text_field: str = "text") -> list[str]:
@@ -55,7 +60,8 @@ def load_texts(source: str | Path | None, *, text_field: str = "text") -> list[s
     ``:``); otherwise ``hf:`` selects the ``datasets`` library.
 
     Args:
-        source: ``None`` for the shipped sample; a ``.jsonl`` file (one JSON object per line);
+        source: ``None`` for the shipped sample; ``builtin:sample`` / ``builtin:heldout`` for
+            the shipped texts (:data:`BUILTIN`); a ``.jsonl`` file (one JSON object per line);
             a folder (its ``*.txt`` files, sorted by name, one document each); any other file
             (read whole as UTF-8 text); or ``hf:NAME[:CONFIG]:SPLIT[:FIELD]``.
         text_field: field of each JSON line holding the text (``.jsonl`` only; ``hf:`` specs
@@ -92,6 +98,11 @@ def load_texts(source: str | Path | None, *, text_field: str = "text") -> list[s
             texts = [_read_text(path)]
     elif spec.startswith("hf:"):
         texts = _load_hf(parse_hf_spec(spec))
+    elif spec.startswith("builtin:"):
+        name = spec.removeprefix("builtin:")
+        if name not in BUILTIN:
+            raise DataError(f"no shipped text {spec!r}", hint=f"use builtin:{' or builtin:'.join(BUILTIN)}")
+        texts = [sample_text(name)]
     else:
         raise DataError(f"data source not found: {spec}", hint=SOURCES_HINT)
     if not any(t.strip() for t in texts):
@@ -238,15 +249,33 @@ def _load_hf(spec: HfSpec) -> list[str]:
     if spec.local:
         dataset = _local_split(datasets, spec)
     else:
+        from prunecli.models.loading import _hub_offline, _hub_reachable
+
+        # Offline (HF_HUB_OFFLINE, or the hub does not answer within 3 s): look in the cache only,
+        # so a missing dataset fails at once instead of after a minute of retries on stderr.
+        offline = _hub_offline() or not _hub_reachable()
+        saved = datasets.config.HF_HUB_OFFLINE
+        verbosity = datasets.logging.get_verbosity()
         try:
+            datasets.config.HF_HUB_OFFLINE = saved or offline
+            datasets.logging.set_verbosity_error()
             dataset = datasets.load_dataset(spec.name, spec.config, split=spec.split)
         except Exception as exc:  # datasets raises many types (ConnectionError, ValueError, ...)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if offline:
+                raise DataError(
+                    f"cannot load dataset {spec.name!r}: it is not in the local cache and the hub is unreachable or offline",
+                    hint="download it where the hub is reachable (datasets.load_dataset(...).save_to_disk(DIR)) "
+                    "and pass hf:DIR:SPLIT[:FIELD], or pass a .txt/.jsonl file",
+                ) from exc
             raise DataError(
                 f"cannot load dataset {spec.name!r} (config {spec.config!r}, split {spec.split!r}): {first}",
                 hint="check the name, config and split and the network (HF_HUB_OFFLINE); offline, save it "
                 "with save_to_disk and pass hf:<folder>:SPLIT[:FIELD]",
             ) from exc
+        finally:
+            datasets.config.HF_HUB_OFFLINE = saved
+            datasets.logging.set_verbosity(verbosity)
     if spec.field not in dataset.column_names:
         raise DataError(
             f"dataset {spec.name!r} split {spec.split!r} has no column {spec.field!r} "

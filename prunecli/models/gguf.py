@@ -10,6 +10,7 @@ a ``prunecli-cache.json`` marker; an entry that fails its checks is deleted and 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -94,15 +95,22 @@ def _require_gguf_packages() -> None:
 def _convert(gguf: Path, dest: Path) -> None:
     """Dequantise ``gguf`` to fp32 and save config, weights, tokenizer into ``dest``."""
     import torch
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf.parent), gguf.name
+    # its "Converting and de-quantizing GGUF tensors" bar is a plain tqdm that transformers'
+    # progress-bar switch does not reach; prunecli reports the step through its own progress
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except (ValueError, KeyError, NotImplementedError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UnsupportedModelError(f"transformers cannot load {gguf}: {msg}") from exc
+    finally:
+        gguf_utils.tqdm = bar
     # save_pretrained refuses a quantised model; the weights are already dequantised fp32.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

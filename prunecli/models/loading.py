@@ -605,6 +605,29 @@ def _model_class(config: Any, *, trust_remote_code: bool) -> Any:
     raise UnsupportedModelError(f"transformers has no model class for model_type {config.model_type!r}")
 
 
+def _first_mismatch(source: str, config: Any, cls: Any) -> str | None:
+    """``NAME is [a, b] in the weights, [c, d] in config.json`` for the first tensor whose shape
+    differs (read from the safetensors headers and a meta-device model), or ``None``."""
+    try:
+        import torch
+        from safetensors import safe_open
+
+        from prunecli.models.files import weight_files
+
+        with torch.device("meta"):
+            model = cls.from_config(config) if hasattr(cls, "from_config") else cls(config)
+        expected = {name: list(t.shape) for name, t in model.state_dict().items()}
+        for path in weight_files(Path(source)):
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    shape = list(f.get_slice(key).get_shape())
+                    if key in expected and expected[key] != shape:
+                        return f"{key} is {shape} in the weights, {expected[key]} in config.json"
+    except Exception:  # noqa: BLE001 - a better message is a bonus; the caller has a fallback
+        return None
+    return None
+
+
 def _from_pretrained(
     source: str,
     config: Any,
@@ -636,8 +659,9 @@ def _from_pretrained(
             raise _hub_error(source, exc, spec) from exc
         raise CheckpointError(f"cannot read the weights in {source}: {_first_line(exc)}") from exc
     except (RuntimeError, ValueError, KeyError) as exc:
+        detail = _first_mismatch(source, config, cls) or _first_line(exc)
         raise CheckpointError(
-            f"the weights in {source} do not load into its config: {_first_line(exc)}",
+            f"the weights in {source} do not load into its config: {detail}",
             hint="the weight shapes and config.json disagree; re-save the checkpoint",
         ) from exc
     except Exception as exc:

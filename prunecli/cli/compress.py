@@ -497,7 +497,8 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
         fit = [h for h in tyr.get("search", []) if h.get("best_fitness")]
         if fit:
             console.print(
-                f"search fitness (sparse KL to the dense model): {fit[0]['start_fitness']:.4g} uniform -> "
+                f"search fitness (sparse KL to the dense model): "
+                f"{fit[0].get('start_candidates', {}).get('centre', fit[0]['start_fitness']):.4g} uniform -> "
                 f"{fit[-1]['best_fitness'][-1]:.4g} after {len(fit)} iteration(s); "
                 f"supernet {tyr['seconds']['supernet']:.0f} s, search {tyr['seconds']['search']:.0f} s",
                 highlight=False,

@@ -44,7 +44,15 @@ from prunecli.engine.select import HeadLayout, _round_keep, selectable_groups
 from prunecli.errors import UnsupportedModelError
 from prunecli.graph import DependencyGraph
 from prunecli.methods.tyr.config import TyrConfig
-from prunecli.methods.tyr.search import State, Variable, channel_ladder, cost, evolve, head_ladder
+from prunecli.methods.tyr.search import (
+    State,
+    Variable,
+    channel_ladder,
+    cost,
+    evolve,
+    head_ladder,
+    proxy_start,
+)
 from prunecli.methods.tyr.supernet import Evaluator, PrefixCache, TokenSet, build, full_weight
 from prunecli.progress import Progress, resolve
 
@@ -250,6 +258,7 @@ def prune_tyr(
                     "iteration": it + 1,
                     "step": config.step / (2**it),
                     "start_fitness": log.start_fitness,
+                    "start_candidates": log.starts,
                     "best_fitness": log.best_fitness,
                     "evaluations": log.evaluations,
                     "tokens": log.tokens,
@@ -343,9 +352,14 @@ def _search(
         ts, pc = stage_sets[key]
         return [ev.fitness(ts, s, pc)[0] for s in states]
 
-    start = tuple(v.center for v in variables)
+    centre = tuple(v.center for v in variables)
+    proxy = proxy_start(variables, centre, ev.errors(), max_moves=4 * len(variables))
+    starts = {"centre": ev.fitness(fixed, centre)[0]}
+    if proxy != centre:
+        starts["proxy"] = ev.fitness(fixed, proxy)[0]
+    start = proxy if starts.get("proxy", math.inf) < starts["centre"] else centre
     with resolve(progress).task(f"tyr search {it + 1}/{config.iterations}", total=config.generations) as task:
-        return evolve(
+        best, log = evolve(
             variables,
             start,
             fitness,
@@ -357,6 +371,8 @@ def _search(
             rng=rng,
             on_generation=lambda _gen, _fit: task.advance(),
         )
+    log.starts = starts
+    return best, log
 
 
 def _final_plan(

@@ -103,7 +103,8 @@ class TyrConfig(DataMethodConfig):
             raise InputError(f"tyr damp must be in [0, 1), got {self.damp}")
         if self.search_dtype not in SEARCH_DTYPES:
             raise InputError(
-                f"unknown tyr search_dtype {self.search_dtype!r}", hint=f"choose one of {', '.join(SEARCH_DTYPES)}"
+                f"unknown tyr search_dtype {self.search_dtype!r}",
+                hint=f"choose one of {', '.join(SEARCH_DTYPES)}",
             )
         if not self.stage_tokens or len(self.stage_tokens) != len(self.survivors):
             raise InputError(

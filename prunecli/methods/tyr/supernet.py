@@ -59,8 +59,10 @@ def candidates(
     grams: dict[str, Tensor],
     round_size: int,
     damp: float,
-) -> list[tuple[list[int], dict[str, tuple[Tensor, Tensor]]]]:
-    """Every level of ``var``: removed units, and per consumer (kept-column weights, bias change)."""
+) -> list[tuple[list[int], dict[str, tuple[Tensor, Tensor]], float]]:
+    """Every level of ``var``: removed units, per consumer (kept-column weights, bias change),
+    and the candidate's calibration reconstruction error relative to the dense output energy
+    (summed over consumers)."""
     data = []
     for c in var.consumers:
         mod = model.get_submodule(c)
@@ -86,15 +88,18 @@ def candidates(
                 )
             )
     out = []
+    energy = sum(float(((b.T @ gram.to(torch.float64)) * b.T).sum()) for b, gram, _ in data)
     for removed in removals:
         per: dict[str, tuple[Tensor, Tensor]] = {}
+        err = 0.0
         for c, (_, gram, units) in zip(var.consumers, data):
             mod = model.get_submodule(c)
             cols = sorted({i for u in removed for i in units[u]})
             res = refit_columns(mod.weight, mod.bias, gram, cols, damp)
+            err += min(res.error_refit, res.error_bias, res.error_removed)
             keep = [i for i in range(mod.weight.shape[1]) if i not in set(cols)]
             per[c] = (res.weight[:, keep].contiguous(), res.bias_delta.float().contiguous())
-        out.append((sorted(removed), per))
+        out.append((sorted(removed), per, err / energy if energy > 0 else 0.0))
     return out
 
 
@@ -164,13 +169,16 @@ def build(
                 else 1
             )
             cands = candidates(model, graph, var, grams, max(1, math.ceil(step / obs_rounds)), damp)
-            for level, (removed, per) in enumerate(cands):
-                tensors = {"removed": torch.tensor(removed, dtype=torch.long)}
+            for level, (removed, per, rel) in enumerate(cands):
+                tensors = {
+                    "removed": torch.tensor(removed, dtype=torch.long),
+                    "error": torch.tensor([rel], dtype=torch.float64),
+                }
                 for c, (w, b) in per.items():
                     tensors[f"{c}|weight"] = w.detach().cpu()
                     tensors[f"{c}|bias"] = b.detach().cpu()
                 save_file(tensors, str(level_path(directory, i, level)))
-            removed, per = cands[var.center]  # expectation error accumulation: the centre level
+            removed, per, _ = cands[var.center]  # expectation error accumulation: the centre level
             for c, (w, b) in per.items():
                 mod = model.get_submodule(c)
                 units = _units(graph, var, c)
@@ -235,6 +243,16 @@ class Evaluator:
         t = load_file(str(level_path(self.directory, i, level)))
         per = {c: (t[f"{c}|weight"], t[f"{c}|bias"]) for c in self.variables[i].consumers}
         return t["removed"].tolist(), per
+
+    def errors(self) -> list[list[float]]:
+        """Per variable and level: the candidate's relative calibration reconstruction error."""
+        return [
+            [
+                float(load_file(str(level_path(self.directory, i, lv)))["error"][0])
+                for lv in range(len(v.costs))
+            ]
+            for i, v in enumerate(self.variables)
+        ]
 
     def set_state(self, state: State) -> None:
         for i, level in enumerate(state):

@@ -76,17 +76,9 @@ def candidates(
         layout = HeadLayout(graph, g)
         scores = head_scores(data, damp)
         removals = []
-        for layouts in var.widths:  # layouts of equal cost: keep the best-scoring one
+        for layouts in var.widths:  # layouts of equal cost: keep the one with the smallest refitted error
             options = [layout.removal(scores, gr[0], gr[1]) for gr in layouts]
-            removals.append(
-                max(
-                    options,
-                    key=lambda rm: (
-                        sum(float(scores[u]) for u in range(len(scores)) if u not in rm),
-                        -len(rm),
-                    ),
-                )
-            )
+            removals.append(min(options, key=lambda rm: (_refit_error(model, var, data, rm, damp), len(rm))))
     out = []
     energy = sum(float(((b.T @ gram.to(torch.float64)) * b.T).sum()) for b, gram, _ in data)
     for removed in removals:
@@ -101,6 +93,17 @@ def candidates(
             per[c] = (res.weight[:, keep].contiguous(), res.bias_delta.float().contiguous())
         out.append((sorted(removed), per, err / energy if energy > 0 else 0.0))
     return out
+
+
+def _refit_error(model: nn.Module, var: Variable, data: list[Any], removed: list[int], damp: float) -> float:
+    """Summed calibration reconstruction error of removing ``removed`` and refitting."""
+    err = 0.0
+    for c, (_, gram, units) in zip(var.consumers, data):
+        mod = model.get_submodule(c)
+        cols = sorted({i for u in removed for i in units[u]})
+        res = refit_columns(mod.weight, mod.bias, gram, cols, damp)
+        err += min(res.error_refit, res.error_bias, res.error_removed)
+    return err
 
 
 def full_weight(model: nn.Module, consumer: str, kept: Tensor, removed_cols: list[int]) -> Tensor:

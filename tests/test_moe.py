@@ -372,3 +372,63 @@ def test_global_selection_reloads(tmp_path):
     verify = json.loads((out / "prunecli.json").read_text())["verify"]
     assert verify["check"] == "logits" and verify["max_abs_diff"] == 0.0
     assert y.shape[-1] == 128
+
+
+# ------------------------------------------------------------------ CLI
+@pytest.fixture(scope="module")
+def tiny_moe_dir(tmp_path_factory):
+    """A saved tiny Mixtral (vocabulary of the tiny word-level tokenizer) with that tokenizer."""
+    from conftest import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    path = tmp_path_factory.mktemp("tiny-moe")
+    tiny_model("mixtral").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("extra", [[], ["--sequential"]])
+def test_cli_compress_easy_ep(tiny_moe_dir, tiny_text_file, tmp_path, extra):
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from prunecli.cli import app
+
+    out = tmp_path / "pruned"
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text(
+        "".join(json.dumps({"text": line}) + "\n" for line in tiny_text_file.read_text().splitlines())
+    )
+    args = [
+        "compress",
+        str(tiny_moe_dir),
+        "--method",
+        "easy-ep",
+        "--demos",
+        str(demos),
+        "--keep-experts",
+        "0.5",
+    ]
+    args += ["--nsamples", "4", "--seqlen", "16", "-o", str(out), "--json", *extra]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["experts"] == {"0": {"kept": 4, "before": 8}, "1": {"kept": 4, "before": 8}}
+    assert report["sparsity"]["target"] is None and report["params"]["after"] < report["params"]["before"]
+    assert report["memory"]["mode"] == ("sequential" if extra else "whole")
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_local_experts == 4
+    assert reloaded.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 4
+
+
+def test_cli_refuses_sparsity_with_expert_methods(tiny_moe_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from prunecli.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        ["compress", str(tiny_moe_dir), "--method", "reap", "--sparsity", "0.3", "-o", str(tmp_path / "x")],
+    )
+    assert result.exit_code != 0 and "--keep-experts" in result.output
+    assert not (tmp_path / "x").exists()

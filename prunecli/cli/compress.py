@@ -49,7 +49,7 @@ class CompressOptions:
 
     model: str
     method: str
-    sparsity: float
+    sparsity: float | None
     output: str | None = None
     overwrite: bool = False
     calib: str | None = None
@@ -74,6 +74,9 @@ class CompressOptions:
     max_memory: str | None = None
     refit: bool = False
     nproc: int = 1
+    # Mixture-of-Experts expert pruning (easy-ep, reap, frequency, random-experts)
+    keep_experts: float | None = None
+    demos: list[str] = dataclasses.field(default_factory=list)
 
     def to_recipe(self) -> dict[str, Any]:
         """The options as a recipe mapping (``--recipe`` re-runs it; security flags left out)."""
@@ -315,6 +318,29 @@ def compress(
     ] = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
+    # --- Mixture-of-Experts expert pruning ---
+    keep_experts: Annotated[
+        float | None,
+        typer.Option(
+            "--keep-experts",
+            help="Expert methods (easy-ep, reap, frequency, random-experts): routed experts to keep per "
+            "MoE layer, a fraction (0.5) or a count (16). Replaces --sparsity.",
+            metavar="K",
+            rich_help_panel=METHOD_PANEL,
+            show_default=False,
+        ),
+    ] = None,
+    demos: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--demos",
+            help="Expert methods: demonstrations of the target domain (.txt/.jsonl, same forms as --calib); "
+            "repeat for several domains (mixed-domain selection).",
+            metavar="SRC",
+            rich_help_panel=DATA_PANEL,
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Prune MODEL with a structured method and save a smaller checkpoint.
 
@@ -325,6 +351,8 @@ def compress(
       prunecli compress ./my-llama -m wanda-sp -s 0.5 --calib emma.txt --eval-data persuasion.txt --json
 
       prunecli compress --recipe recipes/smollm2-magnitude-20.yaml --sparsity 0.3
+
+      prunecli compress ./my-moe --method easy-ep --demos demos.jsonl --keep-experts 0.5 -o my-moe-half
     """
     given = {
         "model": model,
@@ -354,6 +382,8 @@ def compress(
         "max_memory": max_memory,
         "refit": refit,
         "nproc": nproc,
+        "keep_experts": keep_experts,
+        "demos": list(demos or []),
     }
     param_names = {"set": "set_", "verify": "no_verify"}
     on_command_line = {
@@ -407,8 +437,6 @@ def resolve_options(
         )
     if not merged.get("method"):
         raise InputError("missing --method", hint="e.g. --method magnitude (or use --recipe)")
-    if merged.get("sparsity") is None:
-        raise InputError("missing --sparsity", hint="e.g. --sparsity 0.2 removes 20% of the block parameters")
     for key in ("nsamples", "seqlen", "eval_seqlen", "max_windows", "round_to", "nproc"):
         value = merged.get(key)
         if value is not None and value < 1:
@@ -428,6 +456,19 @@ def resolve_options(
     nproc = int(merged.get("nproc") or 1)
     check_processes(merged["method"], int(merged.get("recover_steps") or 0), nproc, str(merged["device"]))
     config_cls, _ = get_method(merged["method"])
+    experts = getattr(config_cls, "units", "blocks") == "experts"
+    if merged.get("sparsity") is None and not experts:
+        raise InputError("missing --sparsity", hint="e.g. --sparsity 0.2 removes 20% of the block parameters")
+    if experts and merged.get("sparsity") is not None:
+        raise InputError(f"{merged['method']} keeps experts, not a sparsity", hint="use --keep-experts K")
+    if not experts and (merged.get("keep_experts") is not None or merged.get("demos")):
+        raise InputError(
+            "--keep-experts and --demos are for the expert methods",
+            hint="use --method easy-ep, reap, frequency or random-experts",
+        )
+    sizes = {"keep_experts": float(merged["keep_experts"])} if merged.get("keep_experts") is not None else {}
+    if not experts:
+        sizes["sparsity"] = float(merged["sparsity"])
     method_options = coerce_options(recipe.get("set", {}), config_cls)
     method_options.update(parse_set(merged["set"], config_cls))
     # calibration size: --nsamples/--seqlen (or the recipe's) override the method's paper default
@@ -439,7 +480,7 @@ def resolve_options(
     }
     try:
         config = config_cls(
-            sparsity=float(merged["sparsity"]),
+            **sizes,
             round_to=int(merged["round_to"]),
             seed=int(merged["seed"]),
             ignore=tuple(merged["ignore"]),
@@ -462,6 +503,7 @@ def resolve_options(
         ("--calib", opts.calib),
         ("--eval-data", opts.eval_data),
         ("--recover-data", opts.recover_data),
+        *(("--demos", d) for d in opts.demos),
     ):
         check_data_source(source, flag)
     return opts, config
@@ -540,6 +582,8 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
     check_processes(opts.method, opts.recover_steps, distributed.env_world_size())
     if int(os.environ.get("RANK", "0") or 0) > 0:
         out = Output(quiet=True)
+    if opts.refit and getattr(config, "units", "") == "experts":
+        raise InputError("--refit refits projections that lose input channels; expert pruning removes none")
     if opts.calib is not None and not config.needs_data and not opts.refit:
         out.warn(f"method {opts.method!r} uses no calibration data; --calib is ignored")
     if opts.eval_data is not None and opts.calib is not None and opts.eval_data == opts.calib:
@@ -581,23 +625,28 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
         calibration: dict[str, Any] | None = None
         if config.needs_data or opts.refit:
             t = time.perf_counter()
-            calib = calibration_windows(
-                tokenizer,
-                opts.calib,
-                nsamples=opts.nsamples,
-                seqlen=opts.seqlen,
-                seed=opts.seed,
-                text_field=opts.text_field,
-                progress=progress,
-            )
+            sources = opts.demos or [opts.calib]  # expert methods: one window tensor per domain
+            domains = [
+                calibration_windows(
+                    tokenizer,
+                    src,
+                    nsamples=opts.nsamples,
+                    seqlen=opts.seqlen,
+                    seed=opts.seed,
+                    text_field=opts.text_field,
+                    progress=progress,
+                )
+                for src in sources
+            ]
+            calib = domains[0] if len(domains) == 1 else domains
             seconds["calibration"] = time.perf_counter() - t
             calibration = {
-                "source": opts.calib if opts.calib is not None else "prunecli/data/sample.txt",
+                "source": ", ".join(s if s is not None else "prunecli/data/sample.txt" for s in sources),
                 "text_field": opts.text_field,
-                "nsamples": int(calib.shape[0]),
-                "seqlen": int(calib.shape[1]),
+                "nsamples": sum(int(d.shape[0]) for d in domains),
+                "seqlen": int(domains[0].shape[1]),
                 "seed": opts.seed,
-                "hash": data_hash(calib),
+                "hash": data_hash(domains[0]) if len(domains) == 1 else [data_hash(d) for d in domains],
                 "processes": world,
             }
 
@@ -673,7 +722,10 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
         # sparsity is a share of every attention + MLP block, locked or ignored ones included
         report["params"]["blocks_before"] = result.block_params_before
         report["params"]["blocks_after"] = result.block_params_after
-        report["sparsity"] = _sparsity_section(config.sparsity, report["params"])
+        expert_method = getattr(config, "units", "") == "experts"
+        report["sparsity"] = _sparsity_section(None if expert_method else config.sparsity, report["params"])
+        if expert_method:
+            report["experts"] = result.to_dict()["experts"]
         report["warnings"] = list(result.warnings)
 
         if opts.output is not None and rank == 0:
@@ -790,7 +842,7 @@ def _params_section(before: int, after: int, summary: dict[str, Any]) -> dict[st
     }
 
 
-def _sparsity_section(target: float, params: dict[str, Any]) -> dict[str, Any]:
+def _sparsity_section(target: float | None, params: dict[str, Any]) -> dict[str, Any]:
     blocks = None
     if params["blocks_before"] and params["blocks_after"] is not None:
         blocks = 1.0 - params["blocks_after"] / params["blocks_before"]

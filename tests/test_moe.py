@@ -432,3 +432,57 @@ def test_cli_refuses_sparsity_with_expert_methods(tiny_moe_dir, tmp_path):
     )
     assert result.exit_code != 0 and "--keep-experts" in result.output
     assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------ moefy
+def test_balanced_clusters_by_hand():
+    from prunecli.models.moefy import balanced_clusters
+
+    rows = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9], [1.0, 0.05], [0.05, 1.0]])
+    assert balanced_clusters(rows, 2) == [[0, 2, 4], [1, 3, 5]]
+    with pytest.raises(InputError):
+        balanced_clusters(rows, 4)
+
+
+def test_moefy_all_experts_active_is_the_dense_model():
+    from conftest import build_tiny_llama
+
+    from prunecli.models.moefy import moefy
+
+    dense = build_tiny_llama(vocab_size=128)
+    x = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    y = model_output(dense, x)
+    exact = moefy(dense, experts=4, top_k=4, router_scale=0.0)
+    torch.testing.assert_close(model_output(exact, x), y, rtol=0, atol=1e-5)
+    # channels are partitioned: every dense gate row sits in exactly one expert
+    gu = exact.model.layers[0].mlp.experts.gate_up_proj  # [E, 2I/E, H]
+    half = gu.shape[1] // 2
+    gates = gu[:, :half].reshape(-1, gu.shape[-1])
+    dense_gate = dense.model.layers[0].mlp.gate_proj.weight
+    assert gates.shape == dense_gate.shape
+    assert torch.equal(gates[torch.argsort(gates[:, 0])], dense_gate[torch.argsort(dense_gate[:, 0])])
+    # a small router scale: still close to dense with every expert active, and routing matters at k < E
+    near = moefy(dense, experts=4, top_k=4)
+    torch.testing.assert_close(model_output(near, x), y, rtol=0, atol=1e-2)
+    sparse = moefy(dense, experts=4, top_k=1)
+    site = build_graph(sparse).moe[0]
+    chosen = _routes(sparse, site, x)
+    assert len(set(chosen.flatten().tolist())) > 1  # different tokens pick different experts
+
+
+def test_cli_moefy_then_prune(tmp_path, tiny_llama_dir, tiny_text_file):
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from prunecli.cli import app
+
+    moe_dir = tmp_path / "moe"
+    r = CliRunner().invoke(app, ["models", "moefy", str(tiny_llama_dir), "-o", str(moe_dir), "--experts", "4"])
+    assert r.exit_code == 0, r.output
+    moe = AutoModelForCausalLM.from_pretrained(moe_dir)
+    assert moe.config.model_type == "mixtral" and moe.config.num_local_experts == 4
+    out = tmp_path / "pruned"
+    args = ["compress", str(moe_dir), "-m", "reap", "--demos", str(tiny_text_file), "--keep-experts", "2"]
+    r = CliRunner().invoke(app, [*args, "--nsamples", "4", "--seqlen", "16", "-o", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_local_experts == 2

@@ -114,7 +114,7 @@ def moefy_model(
         typer.Option(
             "--router-scale", min=0.0, help="Multiplier of the router rows (small: near-uniform weights)."
         ),
-    ] = 0.05,
+    ] = 0.01,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the channel clustering.")] = 0,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace --output if it is a prunecli checkpoint.")

@@ -33,14 +33,14 @@ from torch import Tensor, nn
 
 from prunecli.errors import InputError, UnsupportedModelError
 
-DEFAULT_ROUTER_SCALE = 0.05
+DEFAULT_ROUTER_SCALE = 0.01
 
 
 def balanced_clusters(rows: Tensor, num_clusters: int, *, seed: int = 0, iters: int = 10) -> list[list[int]]:
     """Split the rows into ``num_clusters`` clusters of equal size by spherical k-means.
 
-    Each iteration assigns rows greedily, most similar (row, centroid) pairs first, to a
-    centroid with room left, then recomputes the centroids.
+    ``iters`` plain k-means steps, then one balanced assignment: the most similar
+    (row, centroid) pairs first, each row to a centroid with room left.
 
     Args:
         rows: ``[n, d]`` vectors; ``n`` must be a multiple of ``num_clusters``.
@@ -62,21 +62,29 @@ def balanced_clusters(rows: Tensor, num_clusters: int, *, seed: int = 0, iters: 
     x = nn.functional.normalize(rows.double(), dim=1)
     gen = torch.Generator().manual_seed(seed)
     centroids = x[torch.randperm(n, generator=gen)[:num_clusters]]
-    assign = torch.zeros(n, dtype=torch.long)
-    for _ in range(iters):
+    for step in range(iters + 1):
         sim = x @ centroids.T  # (n, E)
-        order = torch.argsort(sim.flatten(), descending=True, stable=True)
+        if step < iters:  # plain spherical k-means steps
+            near = sim.argmax(1)
+            centroids = torch.stack(
+                [x[near == c].mean(0) if (near == c).any() else centroids[c] for c in range(num_clusters)]
+            )
+            centroids = nn.functional.normalize(centroids, dim=1)
+            continue
+        # final balanced assignment: most similar (row, centroid) pairs first, while there is room
+        assign = [-1] * n
         room = [size] * num_clusters
-        assign.fill_(-1)
-        for flat in order.tolist():
+        left = n
+        for flat in torch.argsort(sim.flatten(), descending=True, stable=True).tolist():
             r, c = divmod(flat, num_clusters)
             if assign[r] < 0 and room[c] > 0:
                 assign[r] = c
                 room[c] -= 1
-        centroids = nn.functional.normalize(
-            torch.stack([x[assign == c].mean(0) for c in range(num_clusters)]), dim=1
-        )
-    clusters = [sorted(torch.nonzero(assign == c).flatten().tolist()) for c in range(num_clusters)]
+                left -= 1
+                if not left:
+                    break
+    owner = torch.tensor(assign)
+    clusters = [sorted(torch.nonzero(owner == c).flatten().tolist()) for c in range(num_clusters)]
     return sorted(clusters, key=lambda c: c[0])
 
 

@@ -477,7 +477,9 @@ def test_cli_moefy_then_prune(tmp_path, tiny_llama_dir, tiny_text_file):
     from prunecli.cli import app
 
     moe_dir = tmp_path / "moe"
-    r = CliRunner().invoke(app, ["models", "moefy", str(tiny_llama_dir), "-o", str(moe_dir), "--experts", "4"])
+    r = CliRunner().invoke(
+        app, ["models", "moefy", str(tiny_llama_dir), "-o", str(moe_dir), "--experts", "4"]
+    )
     assert r.exit_code == 0, r.output
     moe = AutoModelForCausalLM.from_pretrained(moe_dir)
     assert moe.config.model_type == "mixtral" and moe.config.num_local_experts == 4

@@ -148,12 +148,18 @@ def moefy(
     state = {name: t for name, t in model.state_dict().items() if ".mlp." not in name}
     for i, layer in enumerate(model.model.layers):
         mlp = layer.mlp
-        gate, up, down = mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), mlp.down_proj.weight.detach()
+        gate, up, down = (
+            mlp.gate_proj.weight.detach(),
+            mlp.up_proj.weight.detach(),
+            mlp.down_proj.weight.detach(),
+        )
         idx = [torch.tensor(c) for c in balanced_clusters(gate.float(), experts, seed=seed + i)]
         p = f"model.layers.{i}.mlp"
         state[f"{p}.experts.gate_up_proj"] = torch.stack([torch.cat([gate[c], up[c]], 0) for c in idx])
         state[f"{p}.experts.down_proj"] = torch.stack([down[:, c] * top_k for c in idx])
-        state[f"{p}.gate.weight"] = (torch.stack([gate[c].double().mean(0) for c in idx]) * router_scale).to(dtype)
+        state[f"{p}.gate.weight"] = (torch.stack([gate[c].double().mean(0) for c in idx]) * router_scale).to(
+            dtype
+        )
     result = moe.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and new_cfg.tie_word_embeddings)]
     if missing or result.unexpected_keys:

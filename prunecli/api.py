@@ -15,7 +15,7 @@ from prunecli.calibrate import Runner
 from prunecli.config import MethodConfig, get_method
 from prunecli.engine import Plan, PruneSummary, apply_plan
 from prunecli.engine.apply import check_supported
-from prunecli.engine.select import selectable_groups
+from prunecli.engine.select import _ignored, selectable_groups
 from prunecli.errors import DataError, UnsupportedModelError
 from prunecli.graph import DependencyGraph, build_graph
 from prunecli.methods._budget import all_block_params, group_cost, largest_step
@@ -55,6 +55,18 @@ class PruneResult:
         return 1.0 - self.block_params_after / max(1, self.block_params_before)
 
     def to_dict(self) -> dict[str, Any]:
+        if getattr(self.config, "units", "blocks") == "experts":
+            kept = {k: v for k, v in self.summary.layers.items() if "experts" in v}
+            return {
+                "method": self.config.method,
+                "config": self.config.to_dict(),
+                "summary": self.summary.to_dict(),
+                "experts": {
+                    str(k): {"kept": v["experts"], "before": v["experts_before"]} for k, v in kept.items()
+                },
+                "warnings": list(self.warnings),
+                "seconds": self.seconds,
+            }
         return {
             "method": self.config.method,
             "config": self.config.to_dict(),
@@ -103,7 +115,7 @@ def sparsity_warning(
 def prune(
     model: nn.Module,
     config: MethodConfig,
-    calib: torch.Tensor | None = None,
+    calib: torch.Tensor | list[torch.Tensor] | None = None,
     *,
     graph: DependencyGraph | None = None,
     progress: Progress | None = None,
@@ -115,7 +127,9 @@ def prune(
     Args:
         model: a transformers model (or a traced-compatible ``nn.Module``), unpruned.
         config: a method config, e.g. ``FlapConfig(sparsity=0.2)``.
-        calib: calibration token windows ``[n, seqlen]`` for methods that need data.
+        calib: calibration token windows ``[n, seqlen]`` for methods that need data (expert
+            methods: demonstration windows, or a list with one tensor per domain for
+            mixed-domain selection).
         graph: a dependency graph already built for this model.
         progress: progress reporter.
         runner: the calibration runner (:class:`prunecli.calibrate.Runner`): whole-model or
@@ -144,8 +158,10 @@ def prune(
         raise DataError(f"method {config.method!r} needs calibration data", hint="pass --calib FILE")
     if refit and calib is None:
         raise DataError("refit needs calibration data", hint="pass calibration windows (--calib FILE)")
-    if calib is not None and (calib.dtype != torch.long or calib.dim() != 2):
-        raise DataError("calibration data must be a LongTensor of token windows [n, seqlen]")
+    experts = getattr(config, "units", "blocks") == "experts"  # expert methods: keep_experts, not sparsity
+    for windows in calib if experts and isinstance(calib, (list, tuple)) else [calib]:
+        if windows is not None and (windows.dtype != torch.long or windows.dim() != 2):
+            raise DataError("calibration data must be a LongTensor of token windows [n, seqlen]")
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     weights = runner.weights if runner is not None else None
@@ -159,7 +175,11 @@ def prune(
                 graph = build_graph(model)
             task.advance()
     seconds["graph"] = time.perf_counter() - t0
-    selectable = selectable_groups(graph, config.ignore)
+    selectable = (
+        [g for g in graph.prunable("experts") if not _ignored(g, config.ignore)]
+        if experts
+        else selectable_groups(graph, config.ignore)
+    )
     if not selectable:
         reasons = sorted({g.reason for g in graph.groups.values() if g.reason and g.num_units > 1})
         raise UnsupportedModelError(
@@ -204,7 +224,11 @@ def prune(
         block_params_before=total,
         block_params_after=after,
     )
-    msg = sparsity_warning(config.sparsity, result.achieved_sparsity, step, total, prunable, config.method)
+    msg = (
+        None
+        if experts
+        else sparsity_warning(config.sparsity, result.achieved_sparsity, step, total, prunable, config.method)
+    )
     if msg is not None:
         result.warnings.append(msg)
         warnings.warn(msg, SparsityWarning, stacklevel=2)

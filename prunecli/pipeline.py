@@ -46,7 +46,7 @@ class CompressOptions:
 
     model: str
     method: str
-    sparsity: float
+    sparsity: float | None = None  # None for the expert methods (they take keep_experts)
     output: str | None = None
     overwrite: bool = False
     calib: str | None = None
@@ -73,6 +73,9 @@ class CompressOptions:
     nproc: int = 1
     speed: bool = True
     expect: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Mixture-of-Experts expert pruning (easy-ep, reap, frequency, random-experts)
+    keep_experts: float | None = None
+    demos: list[str] = dataclasses.field(default_factory=list)
 
     def to_recipe(self) -> dict[str, Any]:
         """The options as a recipe mapping (re-runs the same run; security flags left out).
@@ -92,6 +95,10 @@ class CompressOptions:
                 p = Path(value).expanduser()
                 if key != "model" or p.exists():
                     d[key] = str(p.resolve())
+        d["demos"] = [
+            src if src.startswith(("hf:", "builtin:")) else str(Path(src).expanduser().resolve())
+            for src in d["demos"]
+        ]
         return {k: v for k, v in d.items() if v is not None and v != [] and v != {}}
 
 
@@ -122,6 +129,8 @@ class Report:
         load_hint: how to load the saved checkpoint.
         tyr: Týr's search record (per-layer sparsity, fitness per generation, cost split), or
             ``None`` for other methods (also in ``plan.meta.tyr``).
+        experts: the expert methods' record (experts kept and removed per MoE layer, see
+            ``PruneResult.to_dict()["experts"]``), or ``None`` for other methods.
     """
 
     model: str
@@ -148,6 +157,7 @@ class Report:
     gates: list[dict[str, Any]]
     load_hint: str | None = None
     tyr: dict[str, Any] | None = None
+    experts: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -203,8 +213,6 @@ def resolve_options(
         )
     if not merged.get("method"):
         raise InputError("missing --method", hint="e.g. --method magnitude (or use --recipe)")
-    if merged.get("sparsity") is None:
-        raise InputError("missing --sparsity", hint="e.g. --sparsity 0.2 removes 20% of the block parameters")
     for key in ("nsamples", "seqlen", "eval_seqlen", "max_windows", "round_to", "nproc"):
         value = merged.get(key)
         if value is not None and value < 1:
@@ -226,6 +234,19 @@ def resolve_options(
         merged["method"], int(merged.get("recover_steps") or 0), nproc, str(merged.get("device", "cpu"))
     )
     config_cls, _ = get_method(merged["method"])
+    experts = getattr(config_cls, "units", "blocks") == "experts"
+    if merged.get("sparsity") is None and not experts:
+        raise InputError("missing --sparsity", hint="e.g. --sparsity 0.2 removes 20% of the block parameters")
+    if experts and merged.get("sparsity") is not None:
+        raise InputError(f"{merged['method']} keeps experts, not a sparsity", hint="use --keep-experts K")
+    if not experts and (merged.get("keep_experts") is not None or merged.get("demos")):
+        raise InputError(
+            "--keep-experts and --demos are for the expert methods",
+            hint="use --method easy-ep, reap, frequency or random-experts",
+        )
+    sizes = {"keep_experts": float(merged["keep_experts"])} if merged.get("keep_experts") is not None else {}
+    if not experts:
+        sizes["sparsity"] = float(merged["sparsity"])
     method_options = coerce_options(base.get("set", {}), config_cls)
     given_set = merged.get("set") or []
     if isinstance(given_set, Mapping):
@@ -241,7 +262,7 @@ def resolve_options(
     }
     try:
         config = config_cls(
-            sparsity=float(merged["sparsity"]),
+            **sizes,
             round_to=int(merged.get("round_to", 1)),
             seed=int(merged.get("seed", 0)),
             ignore=tuple(merged.get("ignore") or ()),
@@ -259,6 +280,7 @@ def resolve_options(
     expect.update(check_expect(dict(merged.get("expect") or {})))
     merged["expect"] = expect
     merged["ignore"] = list(merged.get("ignore") or [])
+    merged["demos"] = [str(d) for d in (merged.get("demos") or [])]
     opts = CompressOptions(**{k: v for k, v in merged.items() if k in _FIELDS})
 
     from prunecli.recipe import NEEDS_EVAL
@@ -281,6 +303,7 @@ def resolve_options(
         ("--calib", opts.calib),
         ("--eval-data", opts.eval_data),
         ("--recover-data", opts.recover_data),
+        *(("--demos", d) for d in opts.demos),
     ):
         check_data_source(source, flag)
     return opts, config
@@ -524,6 +547,10 @@ class _Run:
 
         opts, config = self.opts, self.config
         check_processes(opts.method, opts.recover_steps, distributed.env_world_size())
+        if opts.refit and getattr(config, "units", "") == "experts":
+            raise InputError(
+                "--refit refits projections that lose input channels; expert pruning removes none"
+            )
         if opts.calib is not None and not config.needs_data and not opts.refit:
             self.warn(f"method {opts.method!r} uses no calibration data; --calib is ignored")
         if opts.eval_data is not None and opts.calib is not None and opts.eval_data == opts.calib:
@@ -595,23 +622,28 @@ class _Run:
         if not (self.config.needs_data or opts.refit):
             return
         t = time.perf_counter()
-        self.calib = calibration_windows(
-            self.loaded.tokenizer,
-            opts.calib,
-            nsamples=opts.nsamples,
-            seqlen=opts.seqlen,
-            seed=opts.seed,
-            text_field=opts.text_field,
-            progress=self.progress,
-        )
+        sources = opts.demos or [opts.calib]  # expert methods: one window tensor per domain
+        domains = [
+            calibration_windows(
+                self.loaded.tokenizer,
+                src,
+                nsamples=opts.nsamples,
+                seqlen=opts.seqlen,
+                seed=opts.seed,
+                text_field=opts.text_field,
+                progress=self.progress,
+            )
+            for src in sources
+        ]
+        self.calib = domains[0] if len(domains) == 1 else domains
         self.seconds["calibration"] = time.perf_counter() - t
         self.calibration = {
-            "source": opts.calib if opts.calib is not None else SAMPLE_TEXT,
+            "source": ", ".join(s if s is not None else SAMPLE_TEXT for s in sources),
             "text_field": opts.text_field,
-            "nsamples": int(self.calib.shape[0]),
-            "seqlen": int(self.calib.shape[1]),
+            "nsamples": sum(int(d.shape[0]) for d in domains),
+            "seqlen": int(domains[0].shape[1]),
             "seed": opts.seed,
-            "hash": data_hash(self.calib),
+            "hash": data_hash(domains[0]) if len(domains) == 1 else [data_hash(d) for d in domains],
             "processes": self.world,
         }
 
@@ -742,6 +774,7 @@ class _Run:
         plan = result.plan.to_dict()
         plan["groups_pruned"] = len(result.plan.removals)
         plan["units_removed"] = sum(len(u) for u in result.plan.removals.values())
+        expert_method = getattr(self.config, "units", "") == "experts"
         return Report(
             model=opts.model,
             source=str(loaded.source),
@@ -753,7 +786,7 @@ class _Run:
             memory=_memory_section(self.memory, self.runner),
             refit=result.plan.meta.get("refit"),
             params=params,
-            sparsity=_sparsity_section(self.config.sparsity, params),
+            sparsity=_sparsity_section(None if expert_method else self.config.sparsity, params),
             perplexity=_perplexity_section(opts, self.windows, self.ppl_before, self.ppl_after, self.speed),
             seconds=self.seconds,
             prune_steps_seconds=dict(getattr(result, "seconds", {}) or {}),
@@ -766,6 +799,7 @@ class _Run:
             recipe=opts.to_recipe(),
             gates=[],
             tyr=result.plan.meta.get("tyr"),
+            experts=result.to_dict()["experts"] if expert_method else None,
         )
 
     def _save(self) -> None:
@@ -837,7 +871,7 @@ def _memory_section(memory: Any, runner: Any) -> dict[str, Any]:
     }
 
 
-def _sparsity_section(target: float, params: dict[str, Any]) -> dict[str, Any]:
+def _sparsity_section(target: float | None, params: dict[str, Any]) -> dict[str, Any]:
     blocks = None
     if params["blocks_before"] and params["blocks_after"] is not None:
         blocks = 1.0 - params["blocks_after"] / params["blocks_before"]

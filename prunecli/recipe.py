@@ -48,9 +48,11 @@ RECIPE_KEYS: dict[str, tuple[type, ...]] = {
     "max_memory": (str, int),
     "speed": (bool,),
     "expect": (dict,),
+    "keep_experts": (float, int),
+    "demos": (list, str),
 }
 # Keys that hold paths, resolved relative to the recipe file ("model" only when that path exists).
-PATH_KEYS = ("model", "output", "calib", "eval_data", "recover_data")
+PATH_KEYS = ("model", "output", "calib", "eval_data", "recover_data", "demos")
 # Options that must be typed on the command line, never taken from a file someone sent you.
 COMMAND_LINE_ONLY = ("allow_pickle", "trust_remote_code", "overwrite", "json", "quiet", "recipe")
 
@@ -149,7 +151,7 @@ def check_mapping(data: dict[str, Any], *, where: str, folder: Path) -> dict[str
                 f"{path}: {key!r} must be {names}, got {value!r}",
                 hint=f"see `prunecli compress --help` for --{key.replace('_', '-')}",
             )
-        if key == "ignore":
+        if key in ("ignore", "demos"):
             value = [value] if isinstance(value, str) else [str(v) for v in value]
         if key == "set":
             value = {str(k).replace("-", "_"): v for k, v in value.items()}
@@ -157,6 +159,8 @@ def check_mapping(data: dict[str, Any], *, where: str, folder: Path) -> dict[str
             value = check_expect(value, where=f"{path}")
         if key in PATH_KEYS and isinstance(value, str):
             value = resolve_path(key, value, folder)
+        elif key in PATH_KEYS and isinstance(value, list):  # demos: one source per domain
+            value = [resolve_path(key, v, folder) for v in value]
         recipe[key] = value
     return recipe
 

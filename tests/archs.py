@@ -16,6 +16,39 @@ DECODERS: dict[str, dict] = {
     "phi3": dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=96, pad_token_id=0),
 }
 
+#: tiny Mixture-of-Experts decoders: 8 routed experts, 2 per token (DeepSeek-V3: 2 expert
+#: groups of 4, one chosen per token, a dense first layer and one shared expert)
+MOE: dict[str, dict] = {
+    "mixtral": dict(head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        num_experts=8,
+        num_experts_per_tok=2,
+    ),
+    "qwen3_moe": dict(
+        head_dim=16, intermediate_size=96, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2
+    ),
+    "olmoe": dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2, eos_token_id=2, pad_token_id=1),
+    "deepseek_v3": dict(
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        num_key_value_heads=4,  # multi-head latent attention: one key/value head per query head
+        first_k_dense_replace=1,
+        kv_lora_rank=16,
+        q_lora_rank=32,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+    ),
+}
+
 
 def tiny_config(model_type: str, **overrides):
     """The tiny config of ``model_type``; ``overrides`` replace or add config fields."""
@@ -29,6 +62,17 @@ def tiny_config(model_type: str, **overrides):
     if model_type in DECODERS:
         kw = dict(hidden_size=64, num_hidden_layers=2, vocab_size=128, max_position_embeddings=64)
         kw.update(DECODERS[model_type])
+        return AutoConfig.for_model(model_type, **kw)
+    if model_type in MOE:
+        kw = dict(
+            hidden_size=64,
+            num_hidden_layers=2,
+            vocab_size=128,
+            max_position_embeddings=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+        kw.update(MOE[model_type])  # may replace num_key_value_heads
         return AutoConfig.for_model(model_type, **kw)
     if model_type == "gpt2":
         return AutoConfig.for_model("gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=128, n_positions=64)

@@ -69,13 +69,31 @@ class OffloadedWeights:
     Args:
         index: model tensor name -> ``(safetensors file, name inside the file)``.
         dtype: dtype the tensors are cast to when read.
+        fused: model tensor name -> per-expert sources of a fused Mixture-of-Experts tensor
+            stored one expert at a time (transformers' legacy layout): one list of
+            ``(file, key)`` per source pattern (e.g. gate, up), each with one entry per expert.
+            The value is the experts stacked along dimension 0, the patterns concatenated
+            along dimension 1 (transformers' ``MergeModulelist(0)`` + ``Concatenate(1)``).
     """
 
-    def __init__(self, index: dict[str, tuple[Path, str]], dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        index: dict[str, tuple[Path, str]],
+        dtype: torch.dtype,
+        fused: dict[str, list[list[tuple[Path, str]]]] | None = None,
+    ) -> None:
         from accelerate.utils import OffloadedWeightsLoader
 
         self.dtype = dtype
-        self.names = set(index)
+        self._fused = {
+            name: [[f"{name}@{i}.{e}" for e in range(len(src))] for i, src in enumerate(parts)]
+            for name, parts in (fused or {}).items()
+        }
+        for name, parts in (fused or {}).items():
+            for i, src in enumerate(parts):
+                for e, entry in enumerate(src):
+                    index = {**index, f"{name}@{i}.{e}": entry}
+        self.names = set(index) | set(self._fused)
         self._loader = OffloadedWeightsLoader(
             index={
                 name: {
@@ -118,7 +136,12 @@ class OffloadedWeights:
         A tensor the checkpoint does not hold is one the engine created (the zero bias of a
         projection that receives bias compensation): it starts at zero.
         """
-        if name in self.names:
+        if name in self._fused:
+            parts = [torch.stack([self._loader[k] for k in keys]) for keys in self._fused[name]]
+            value = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+            for dim, keep in self._slices.get(name, []):
+                value = value.index_select(dim, keep)
+        elif name in self.names:
             value = self._loader[name]
             for dim, keep in self._slices.get(name, []):
                 value = value.index_select(dim, keep)
@@ -192,17 +215,23 @@ def load_offloaded(
         if isinstance(getattr(model, "_tied_weights_keys", None), dict)
         else set(getattr(model, "_tied_weights_keys", None) or [])
     )
+    renames = [(None, None), *_renamings(config)]  # checkpoint names of transformers' legacy layouts
     index: dict[str, tuple[Path, str]] = {}
+    fused: dict[str, list[list[tuple[Path, str]]]] = {}
     missing = []
     for name, t in model.state_dict(keep_vars=True).items():
         if t.device.type != "meta":
             continue  # a buffer computed at construction (rotary tables)
-        for key in (name, name.removeprefix(prefix + "."), f"{prefix}.{name}"):
+        variants = (name, name.removeprefix(prefix + "."), f"{prefix}.{name}")
+        for key in [v.replace(tgt, src) if src else v for v in variants for src, tgt in renames]:
             if key in files:
                 index[name] = (files[key], key)
                 break
         else:
-            if name not in tied and not (
+            sources = _per_expert_sources(config, name, t.shape, files, prefix)
+            if sources is not None:
+                fused[name] = sources
+            elif name not in tied and not (
                 name.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)
             ):
                 missing.append(name)
@@ -211,7 +240,7 @@ def load_offloaded(
             f"{folder} does not hold {missing[0]} ({len(missing)} model tensors missing), so it cannot be streamed",
             hint="load it whole (drop --max-memory / --sequential) or re-save it with save_pretrained",
         )
-    weights = OffloadedWeights(index, dtype)
+    weights = OffloadedWeights(index, dtype, fused)
     path, _ = main_block_list(model)
     for name in index:
         if not name.startswith(path + "."):
@@ -221,6 +250,62 @@ def load_offloaded(
     weights.bind(model)
     model.eval()
     return model, weights
+
+
+def _plain(pattern: str) -> bool:
+    return bool(pattern) and all(c.isalnum() or c in "._" for c in pattern)
+
+
+def _conversions(config: Any) -> list[Any]:
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # pragma: no cover - older transformers keep experts unfused
+        return []
+    return get_checkpoint_conversion_mapping(getattr(config, "model_type", "")) or []
+
+
+def _renamings(config: Any) -> list[tuple[str, str]]:
+    """``(checkpoint substring, model substring)`` of transformers' plain renamings for this model type
+    (Mixtral: ``.block_sparse_moe.`` is ``.mlp.``)."""
+    return [
+        (src, tgt)
+        for conv in _conversions(config)
+        if type(conv).__name__ == "WeightRenaming"
+        for src, tgt in zip(conv.source_patterns, conv.target_patterns)
+        if _plain(src) and _plain(tgt)
+    ]
+
+
+def _per_expert_sources(
+    config: Any, name: str, shape: torch.Size, files: dict[str, Path], prefix: str
+) -> list[list[tuple[Path, str]]] | None:
+    """Where a fused experts tensor (``…experts.gate_up_proj`` ``[E, 2I, H]``) lies in a
+    checkpoint that stores one tensor per expert (``…experts.3.w1.weight``), read from
+    transformers' own conversion mapping for the model type; ``None`` when it is not so stored.
+
+    Only the mapping's plain renamings and its stack (``MergeModulelist(0)``) and concatenate
+    (``Concatenate(1)``) converters are understood.
+    """
+    renames = _renamings(config)
+    for conv in _conversions(config):
+        if type(conv).__name__ != "WeightConverter" or len(conv.target_patterns) != 1:
+            continue
+        ops = [(type(o).__name__, getattr(o, "dim", None)) for o in conv.operations]
+        if ops not in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]):
+            continue
+        target = conv.target_patterns[0]
+        if not (_plain(target) and name.endswith(target) and all("*" in s for s in conv.source_patterns)):
+            continue
+        base = name[: -len(target)]
+        for variant in (base, base.removeprefix(prefix + "."), f"{prefix}.{base}"):
+            keys = [
+                [variant + src.replace("*", str(e)) for e in range(shape[0])] for src in conv.source_patterns
+            ]
+            for src, tgt in [(None, None), *renames]:
+                named = [[k.replace(tgt, src) if src else k for k in ks] for ks in keys]
+                if all(k in files for ks in named for k in ks):
+                    return [[(files[k], k) for k in ks] for ks in named]
+    return None
 
 
 def build_graph_offloaded(model: nn.Module, weights: OffloadedWeights) -> Any:

@@ -53,7 +53,7 @@ from prunecli.progress import Progress, resolve
 BATCH_TOKENS = 8192
 MODES = ("whole", "sequential")
 PROPAGATION = ("dense", "pruned")
-SITES = ("input", "output", "block")
+SITES = ("input", "output", "block", "moe")
 
 
 class StopForward(Exception):
@@ -68,10 +68,13 @@ class Observe:
         module: qualified module name (``model.layers.3.mlp.down_proj``; for ``site="block"``
             the block itself, ``model.layers.3``).
         stat: ``moments`` (:class:`~prunecli.calibrate.stats.ChannelStats`), ``sumsq``
-            (:class:`~prunecli.calibrate.stats.SumSquares`) or ``angular``
-            (:class:`~prunecli.calibrate.stats.AngularDistance`, ``site="block"`` only).
+            (:class:`~prunecli.calibrate.stats.SumSquares`), ``angular``
+            (:class:`~prunecli.calibrate.stats.AngularDistance`, ``site="block"`` only) or
+            ``experts`` (:class:`~prunecli.calibrate.stats.ExpertStats`, ``site="moe"`` only).
         site: ``input`` (the first argument of the module's forward), ``output`` (its first
-            output tensor) or ``block`` (the module's input hidden states against its output).
+            output tensor), ``block`` (the module's input hidden states against its output) or
+            ``moe`` (a Mixture-of-Experts block: its router's choices and weights, each routed
+            expert's output norm, and each token's contribution, :mod:`prunecli.calibrate.moe`).
     """
 
     module: str
@@ -85,6 +88,8 @@ class Observe:
             raise InputError(f"unknown observation site {self.site!r}", hint=f"choose one of {SITES}")
         if (self.stat == "angular") != (self.site == "block"):
             raise InputError("the angular statistic compares a block's input and output: use site='block'")
+        if (self.stat == "experts") != (self.site == "moe"):
+            raise InputError("the experts statistic observes a Mixture-of-Experts block: use site='moe'")
 
 
 AfterBlock = Callable[[int, nn.Module, dict[Observe, Accumulator]], None]
@@ -441,6 +446,7 @@ class Runner:
         try:
             for name, reqs in by_module.items():
                 handles += self._hook(model.get_submodule(name), reqs, obs)
+                handles += _moe_hooks(model, name, reqs, obs)
             stop = stop_module(model, set(by_module))
             if stop is not None:
 
@@ -534,9 +540,9 @@ class Runner:
                 with self.materialized(model, f"{path}.{j}" if path else str(j)) as block:
                     handles = []
                     for name in dict.fromkeys(r.module for r in reqs):
-                        handles += self._hook(
-                            model.get_submodule(name), [r for r in reqs if r.module == name], obs
-                        )
+                        mine = [r for r in reqs if r.module == name]
+                        handles += self._hook(model.get_submodule(name), mine, obs)
+                        handles += _moe_hooks(model, name, mine, obs)
                     try:
                         outs = [self._run_block(block, x, extra[j][b]) for b, x in enumerate(hidden)]
                     finally:
@@ -571,6 +577,58 @@ class Runner:
                 hint="use whole-model calibration (drop --sequential / raise --max-memory)",
             )
         return out
+
+
+def _moe_hooks(
+    model: nn.Module, name: str, reqs: list[Observe], obs: dict[Observe, Accumulator]
+) -> list[Any]:
+    """Hooks for ``site="moe"`` requests on the MoE block ``name``.
+
+    Three hooks fire in order within one forward of the layer: the experts module's
+    (routed experts, router weights, ``c = g·‖E(h)‖₂``, routed output ``y``), the MoE
+    block's (its output) and the layer's (``x = layer output − block output``, then
+    ``s = max(0, 1 − cos(x, x + y))`` and the accumulator update).
+    """
+    reqs = [r for r in reqs if r.site == "moe"]
+    if not reqs:
+        return []
+    from prunecli.calibrate.moe import expert_outputs, token_contribution
+    from prunecli.graph.experts import find_moe_sites
+
+    site = next((s for s in find_moe_sites(model) if s.block == name), None)
+    found = block_list(model, [name])
+    if site is None or found is None:
+        raise UnsupportedModelError(
+            f"{name} is not a Mixture-of-Experts block with fused experts inside a repeated layer"
+        )
+    path, blocks = found
+    layer = blocks[block_index(path, name)]
+    experts = model.get_submodule(site.experts)
+    state: dict[str, Tensor] = {}
+
+    def on_experts(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        vals = list(args) + [kwargs[k] for k in ("top_k_index", "top_k_weights") if k in kwargs]
+        h, index, weights = vals[0], vals[1], vals[2]
+        norms = torch.linalg.vector_norm(expert_outputs(experts, h, index).float(), dim=-1)
+        state.update(index=index, c=weights.float() * norms, y=first_tensor(out).reshape(h.shape))
+
+    def on_block(_m: nn.Module, _a: Any, out: Any) -> None:
+        state["block"] = first_tensor(out)
+
+    def on_layer(_m: nn.Module, _a: Any, out: Any) -> None:
+        if "block" not in state or "y" not in state:
+            return
+        z = first_tensor(out)
+        x = (z - state.pop("block")).reshape(-1, z.shape[-1])
+        s = token_contribution(x, state.pop("y"))
+        for r in reqs:
+            obs[r].update(state["index"], state["c"], s, site.num_experts)  # type: ignore[attr-defined]
+
+    return [
+        experts.register_forward_hook(on_experts, with_kwargs=True),
+        model.get_submodule(name).register_forward_hook(on_block),
+        layer.register_forward_hook(on_layer),
+    ]
 
 
 class _TensorView:

@@ -321,10 +321,58 @@ class Gram(_Sums):
         return self._sum.reshape(n, n).clone()
 
 
+class ExpertStats(_Sums):
+    """Per routed expert of one MoE block: tokens routed, ``Σ c`` and ``Σ c·s`` (see
+    :mod:`prunecli.calibrate.moe`; ``c = g·‖E(h)‖₂``, ``s`` the token contribution).
+
+    ``count`` is the number of tokens seen (routed or not).
+
+    Example:
+        >>> st = ExpertStats()
+        >>> st.update(torch.tensor([[0, 2]]), torch.tensor([[1.0, 3.0]]), torch.tensor([0.5]), 3)
+        >>> st.routed.tolist(), st.importance.tolist(), st.weighted.tolist()
+        ([1.0, 0.0, 1.0], [1.0, 0.0, 3.0], [0.5, 0.0, 1.5])
+    """
+
+    @torch.no_grad()
+    def update(self, index: Tensor, c: Tensor, s: Tensor, num_experts: int) -> None:
+        """Add one batch: routed experts ``[T, k]``, their ``c`` ``[T, k]``, ``s`` ``[T]``."""
+        dt = acc_dtype(index.device)
+        flat = index.reshape(-1).long()
+        ok = (flat >= 0) & (flat < num_experts)
+        cs = (c.to(dt) * s.to(dt).reshape(-1, 1)).reshape(-1)
+        total = torch.zeros(3, num_experts, dtype=dt, device=index.device)
+        total[0].index_add_(0, flat[ok], torch.ones_like(cs)[ok])
+        total[1].index_add_(0, flat[ok], c.to(dt).reshape(-1)[ok])
+        total[2].index_add_(0, flat[ok], cs[ok])
+        self._add(total.reshape(-1), int(index.shape[0]))
+
+    def _part(self, i: int) -> Tensor:
+        if self._sum is None:
+            raise ValueError("no samples were observed")
+        return self._sum.reshape(3, -1)[i].clone()
+
+    @property
+    def routed(self) -> Tensor:
+        """Tokens routed to each expert ``[E]``."""
+        return self._part(0)
+
+    @property
+    def importance(self) -> Tensor:
+        """``Σ_t g·‖E(h_t)‖₂`` over the tokens routed to each expert ``[E]``."""
+        return self._part(1)
+
+    @property
+    def weighted(self) -> Tensor:
+        """``Σ_t g·‖E(h_t)‖₂·s_t`` (EASY-EP's expert score) ``[E]``."""
+        return self._part(2)
+
+
 #: statistic name (as methods request it) -> accumulator class
 STATISTICS: dict[str, type[Accumulator]] = {
     "moments": ChannelStats,
     "sumsq": SumSquares,
     "angular": AngularDistance,
     "gram": Gram,
+    "experts": ExpertStats,
 }

@@ -284,6 +284,29 @@ def compress(
     ] = None,
     json: JsonOpt = False,
     quiet: QuietOpt = False,
+    # --- Mixture-of-Experts expert pruning ---
+    keep_experts: Annotated[
+        float | None,
+        typer.Option(
+            "--keep-experts",
+            help="Expert methods (easy-ep, reap, frequency, random-experts): routed experts to keep per "
+            "MoE layer, a fraction (0.5) or a count (16). Replaces --sparsity.",
+            metavar="K",
+            rich_help_panel=METHOD_PANEL,
+            show_default=False,
+        ),
+    ] = None,
+    demos: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--demos",
+            help="Expert methods: demonstrations of the target domain (.txt/.jsonl, same forms as --calib); "
+            "repeat for several domains (mixed-domain selection).",
+            metavar="SRC",
+            rich_help_panel=DATA_PANEL,
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Prune MODEL with a structured method and save a smaller checkpoint.
 
@@ -294,6 +317,8 @@ def compress(
       prunecli compress smollm2-135m -m flap -s 0.2 --nsamples 32 --max-windows 4 --eval-data builtin:heldout
 
       prunecli compress --recipe my-recipe.yaml --sparsity 0.3 --json
+
+      prunecli compress ./my-moe --method easy-ep --demos demos.jsonl --keep-experts 0.5 -o my-moe-half
     """
     given = {
         "model": model,
@@ -324,6 +349,8 @@ def compress(
         "refit": refit,
         "nproc": nproc,
         "speed": not no_speed,
+        "keep_experts": keep_experts,
+        "demos": list(demos or []),
     }
     param_names = {"set": "set_", "verify": "no_verify", "speed": "no_speed"}
     on_command_line = {

@@ -1,6 +1,9 @@
-"""``prunecli models list|pull``: the model aliases prunecli knows about."""
+"""``prunecli models list|pull|moefy``: model aliases, and a MoE derived from a dense model."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -96,3 +99,63 @@ def _local(row: dict) -> str:
     if row["kind"] == "package" and not row["cached"]:
         return "yes (first load converts)"
     return "yes"
+
+
+@app.command("moefy", no_args_is_help=True)
+def moefy_model(
+    src: Annotated[str, typer.Argument(help="Dense Llama-architecture model (folder, .gguf, alias).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the MoE checkpoint.")],
+    experts: Annotated[
+        int, typer.Option("--experts", min=2, help="Experts per layer (divides the MLP width).")
+    ] = 8,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Experts per token.")] = 2,
+    router_scale: Annotated[
+        float,
+        typer.Option(
+            "--router-scale", min=0.0, help="Multiplier of the router rows (small: near-uniform weights)."
+        ),
+    ] = 0.01,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the channel clustering.")] = 0,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace --output if it is a prunecli checkpoint.")
+    ] = False,
+    json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Derive a Mixtral MoE from a dense model: each MLP's channels split into experts, plus a router.
+
+    Channels are grouped by balanced k-means on their gate rows; each router row is the mean of its
+    expert's gate rows (see prunecli.models.moefy). With --top-k equal to --experts and
+    --router-scale 0 it computes the dense model.
+
+    Example: prunecli models moefy smollm2-135m -o smollm2-moe --experts 8 --top-k 2
+    """
+    from prunecli.checkpoint import save_checkpoint
+    from prunecli.checkpoint.save import check_output_dir
+    from prunecli.engine import count_params
+    from prunecli.models import load_model
+    from prunecli.models.moefy import moefy
+
+    out = Output(json=json, quiet=quiet)
+    check_output_dir(str(output), overwrite=overwrite)
+    loaded = load_model(src, dtype="float32")
+    moe = moefy(loaded.model, experts, top_k, router_scale=router_scale, seed=seed)
+    options = {"experts": experts, "top_k": top_k, "router_scale": router_scale, "seed": seed}
+    path = save_checkpoint(
+        moe,
+        loaded.tokenizer,
+        output,
+        provenance={"model": {"spec": src, "source": str(loaded.source)}, "moefy": options},
+        overwrite=overwrite,
+    )
+    report = {"source": src, "output": str(path), **options, "params": count_params(moe)}
+    out.result(
+        report,
+        lambda console: console.print(
+            f"{src} -> {path}: {experts} experts per layer, top-{top_k}, {report['params']:,} parameters",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        ),
+        quiet_line=str(path),
+    )

@@ -45,6 +45,28 @@ class AttentionWidths:
 
 
 @dataclasses.dataclass(frozen=True)
+class ExpertWidths:
+    """Where a Mixture-of-Experts architecture records its routed-expert counts.
+
+    Attributes:
+        num_experts: attributes (of the experts module and the router) equal to the number
+            of routed experts; set where the module has them.
+        top_k: attributes (of the router and the MoE block) equal to experts per token.
+        cfg_experts: config field holding the number of routed experts.
+        cfg_top_k: config field holding experts per token.
+        groups / topk_groups: router attributes of group-limited routing (DeepSeek's
+            ``n_group`` expert groups, ``topk_group`` of them chosen per token).
+    """
+
+    cfg_experts: str
+    num_experts: tuple[str, ...] = ("num_experts",)
+    top_k: tuple[str, ...] = ("top_k",)
+    cfg_top_k: str = "num_experts_per_tok"
+    groups: str | None = None
+    topk_groups: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class ArchWidths:
     """Where one architecture records its widths (module attributes and config fields).
 
@@ -54,6 +76,7 @@ class ArchWidths:
             the MLP width.
         cfg_heads / cfg_kv_heads / cfg_mlp: config fields holding query heads, key/value
             heads and MLP width (``None``: the architecture has no such field).
+        experts: routed-expert counts of a Mixture-of-Experts architecture (``None``: none).
     """
 
     attention: dict[str, AttentionWidths]
@@ -61,6 +84,7 @@ class ArchWidths:
     cfg_heads: str | None = None
     cfg_kv_heads: str | None = None
     cfg_mlp: str | None = None
+    experts: ExpertWidths | None = None
 
 
 def _llama_like(prefix: str) -> ArchWidths:
@@ -135,6 +159,17 @@ ARCH_WIDTHS: dict[str, ArchWidths] = {
         mlp={"ViTMLP": ()},
         cfg_heads="num_attention_heads",
         cfg_mlp="intermediate_size",
+    ),
+    # Mixture-of-Experts decoders: only their routed experts are pruned (attention and the
+    # shared / dense MLPs are not in the table, so head and channel plans are refused)
+    "mixtral": ArchWidths(attention={}, mlp={}, experts=ExpertWidths("num_local_experts")),
+    "qwen2_moe": ArchWidths(attention={}, mlp={}, experts=ExpertWidths("num_experts")),
+    "qwen3_moe": ArchWidths(attention={}, mlp={}, experts=ExpertWidths("num_local_experts")),
+    "olmoe": ArchWidths(attention={}, mlp={}, experts=ExpertWidths("num_experts")),
+    "deepseek_v3": ArchWidths(
+        attention={},
+        mlp={},
+        experts=ExpertWidths("n_routed_experts", groups="num_group", topk_groups="topk_group"),
     ),
 }
 #: models without a config (plain ``nn.Module``: CNNs, MLPs): only the generic leaf
@@ -381,7 +416,9 @@ def apply_plan(
     # after slicing: new zero biases of sibling projections get their pruned widths
     _apply_bias_updates(model, graph, plan.bias_updates, deferred)
     layers = _update_attention(model, graph, removals, spec)
-    _update_config(model, layers, spec)
+    for layer, w in _update_experts(model, graph, removals, spec).items():
+        layers.setdefault(layer, {}).update(w)
+    _update_config(model, dict(sorted(layers.items())), spec)
     if not offloaded:
         _check_probe(model, graph, shapes_before)
     summary = PruneSummary(
@@ -540,6 +577,7 @@ def check_supported(
                     f"graph implies {value} ({site.num_heads} heads, {site.num_kv_heads} key/value heads, "
                     f"head width {site.head_dim}); prunecli's width table does not fit this {cls}",
                 )
+    _check_experts(model, graph, removals, spec)
     for g in _mlp_groups(graph, removals):
         cls = type(named.get(g.module)).__name__
         if getattr(model, "config", None) is not None and cls not in spec.mlp:
@@ -600,6 +638,161 @@ def _update_attention(
     return dict(sorted(layers.items()))
 
 
+@dataclasses.dataclass(frozen=True)
+class ExpertRouting:
+    """How one MoE block routes (read from its router through :class:`ExpertWidths`).
+
+    Attributes:
+        group: name of the ``experts`` group.
+        layer: its layer.
+        num_experts: routed experts.
+        top_k: experts per token.
+        groups: expert groups of group-limited routing (1: none).
+        topk_groups: groups chosen per token (1: none).
+    """
+
+    group: str
+    layer: int | None
+    num_experts: int
+    top_k: int
+    groups: int = 1
+    topk_groups: int = 1
+
+
+def expert_routing(model: nn.Module, graph: DependencyGraph) -> dict[str, ExpertRouting]:
+    """``experts`` group name -> :class:`ExpertRouting` of its MoE block.
+
+    Raises:
+        UnsupportedModelError: the model has MoE blocks but its type has no expert entry in
+            :data:`ARCH_WIDTHS`.
+    """
+    if not graph.moe:
+        return {}
+    spec = arch_widths(model)
+    ew = spec.experts
+    if ew is None:
+        raise UnsupportedModelError(
+            f"unsupported: prunecli does not know where a {getattr(model.config, 'model_type', '?')!r} "
+            "model records its number of experts",
+            hint="add an ExpertWidths entry for it to ARCH_WIDTHS",
+        )
+    out: dict[str, ExpertRouting] = {}
+    for site in graph.moe:
+        router = model.get_submodule(site.router)
+        top_k = next(
+            (getattr(router, a) for a in ew.top_k if isinstance(getattr(router, a, None), int)), None
+        )
+        if top_k is None:
+            top_k = int(getattr(model.config, ew.cfg_top_k))
+        groups = int(getattr(router, ew.groups, 1) or 1) if ew.groups else 1
+        topk_groups = int(getattr(router, ew.topk_groups, 1) or 1) if ew.topk_groups else 1
+        g = graph.groups[site.group]
+        out[site.group] = ExpertRouting(
+            site.group, g.layer, site.num_experts, int(top_k), groups, topk_groups
+        )
+    return out
+
+
+def _check_experts(
+    model: nn.Module, graph: DependencyGraph, removals: dict[str, list[int]] | None, spec: ArchWidths
+) -> None:
+    """Expert removals must leave every block's routing valid (group-limited routing included)."""
+    hit = [s for s in graph.moe if (removals is not None and s.group in removals)]
+    if not hit:
+        return
+    routing = expert_routing(model, graph)
+    ew = spec.experts
+    assert ew is not None
+    for site in hit:
+        r = routing[site.group]
+        for mod_name in (site.experts, site.router):
+            mod = model.get_submodule(mod_name)
+            for attr in ew.num_experts:
+                v = getattr(mod, attr, None)
+                if v is not None and v != r.num_experts:
+                    raise UnsupportedModelError(
+                        f"unsupported: {mod_name}.{attr} is {v!r} but the block has {r.num_experts} experts"
+                    )
+        gone = set(removals[site.group]) if removals else set()
+        kept = r.num_experts - len(gone)
+        if r.groups > 1:
+            size = r.num_experts // r.groups
+            per = [sum(1 for e in range(i * size, (i + 1) * size) if e not in gone) for i in range(r.groups)]
+            if len(set(per)) != 1:
+                raise PlanError(
+                    f"{site.group}: group-limited routing ({r.groups} expert groups, {r.topk_groups} chosen "
+                    f"per token) needs the same number of experts kept in every group, got {per}",
+                    hint=f"keep a multiple of {r.groups} experts per layer; the expert selectors do this",
+                )
+            if per[0] < 2:
+                raise PlanError(
+                    f"{site.group}: group-limited routing scores each expert group by its best two "
+                    f"experts, so every group must keep at least 2 (this plan keeps {per[0]})",
+                    hint=f"keep at least {2 * r.groups} experts per layer",
+                )
+            if per[0] * r.topk_groups < r.top_k:
+                raise PlanError(
+                    f"{site.group}: {r.topk_groups} chosen group(s) of {per[0]} experts cannot supply "
+                    f"{r.top_k} experts per token",
+                    hint=f"keep at least {r.groups * -(-r.top_k // r.topk_groups)} experts per layer",
+                )
+        elif kept < 1:
+            raise PlanError(f"plan removes every expert of {site.group}")
+
+
+def _update_experts(
+    model: nn.Module, graph: DependencyGraph, removals: dict[str, list[int]], spec: ArchWidths
+) -> dict[int, dict[str, int]]:
+    """Set expert counts (and experts per token where fewer are left) on the MoE modules."""
+    layers: dict[int, dict[str, int]] = {}
+    ew = spec.experts
+    if ew is None or not any(s.group in removals for s in graph.moe):
+        return layers
+    cfg = getattr(model, "config", None)
+    cfg_top_k = int(getattr(cfg, ew.cfg_top_k, 0) or 0)
+    for site in graph.moe:
+        g = graph.groups[site.group]
+        kept = _kept(g, removals)
+        block, router = model.get_submodule(site.block), model.get_submodule(site.router)
+        experts = model.get_submodule(site.experts)
+        for mod in (experts, router):
+            for attr in ew.num_experts:
+                if hasattr(mod, attr):
+                    setattr(mod, attr, kept)
+        top_k = cfg_top_k
+        for mod in (router, block):
+            for attr in ew.top_k:
+                if isinstance(getattr(mod, attr, None), int):
+                    top_k = getattr(mod, attr)
+                    if top_k > kept:
+                        top_k = kept
+                        setattr(mod, attr, kept)
+        if g.layer is not None:
+            layers[g.layer] = {"experts": kept, "experts_before": g.num_units, "top_k": min(top_k, kept)}
+    return layers
+
+
+def _expert_config(
+    cfg: Any, layers: dict[int, dict[str, int]], spec: ArchWidths
+) -> dict[int, dict[str, int]]:
+    """Expert counts go to global config fields when every MoE layer keeps the same number
+    (dense layers of the same model do not read them); returns ``layers`` without them then."""
+    ew = spec.experts
+    moe = {i: w for i, w in layers.items() if "experts" in w}
+    if ew is None or not moe:
+        return layers
+    if len({(w["experts"], w["top_k"]) for w in moe.values()}) != 1:
+        return layers
+    first = next(iter(moe.values()))
+    setattr(cfg, ew.cfg_experts, first["experts"])
+    setattr(cfg, ew.cfg_top_k, first["top_k"])
+    rest = {
+        i: {k: v for k, v in w.items() if k not in ("experts", "experts_before", "top_k")}
+        for i, w in layers.items()
+    }
+    return {i: w for i, w in rest.items() if w}
+
+
 def _global_ok(cfg: Any, values: dict[str, int], spec: ArchWidths) -> bool:
     """Whether stock transformers accepts these widths as global config fields.
 
@@ -627,6 +820,9 @@ def _update_config(model: nn.Module, layers: dict[int, dict[str, int]], spec: Ar
     cfg = getattr(model, "config", None)
     if cfg is None or not layers:
         return
+    layers = _expert_config(cfg, layers, spec)
+    if not layers:
+        return
     per_layer: dict[int, dict[str, int]] = {}
     for layer, w in layers.items():
         o: dict[str, int] = {}
@@ -638,6 +834,9 @@ def _update_config(model: nn.Module, layers: dict[int, dict[str, int]], spec: Ar
             o["head_dim"] = w["head_dim"]
         if "channels" in w and spec.cfg_mlp:
             o[spec.cfg_mlp] = w["channels"]
+        if "experts" in w and spec.experts is not None:
+            o[spec.experts.cfg_experts] = w["experts"]
+            o[spec.experts.cfg_top_k] = w["top_k"]
         per_layer[layer] = o
     keys = {k for o in per_layer.values() for k in o}
     n_layers = int(getattr(cfg, "num_hidden_layers", getattr(cfg, "n_layer", len(per_layer))) or 0)

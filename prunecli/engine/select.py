@@ -20,6 +20,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
+from prunecli.engine.apply import ExpertRouting
 from prunecli.engine.plan import Plan
 from prunecli.graph import DependencyGraph, Group
 
@@ -136,3 +137,85 @@ def _round_keep(n: int, target: float, round_to: int) -> int:
     step = max(1, round_to)
     keep = int(round(target / step)) * step
     return min(n, max(step, keep))
+
+
+def legal_expert_keep(target: int, routing: ExpertRouting) -> int:
+    """Experts to keep in one MoE block: ``target`` made legal for its routing.
+
+    Without group-limited routing: between 1 and all experts (the engine lowers experts per
+    token when fewer are left). With ``G`` expert groups of which ``topk_groups`` are chosen
+    per token (DeepSeek): the same number ``p`` in every group, ``p >= 2`` (each group is
+    scored by its best two experts) and ``p * topk_groups >= top_k``.
+
+    Example:
+        >>> from prunecli.engine.apply import ExpertRouting
+        >>> legal_expert_keep(3, ExpertRouting("b:experts", 0, 8, 2, groups=2, topk_groups=1))
+        4
+    """
+    n = routing.num_experts
+    if routing.groups <= 1:
+        return min(n, max(1, int(target)))
+    size = n // routing.groups
+    low = max(2, -(-routing.top_k // max(1, routing.topk_groups)))
+    per = min(size, max(low, int(round(target / routing.groups))))
+    return per * routing.groups
+
+
+def _keep_best(scores: Tensor, keep: int, routing: ExpertRouting) -> list[int]:
+    """Removal list keeping the ``keep`` best experts (the same number per routing group)."""
+    n = routing.num_experts
+    groups = max(1, routing.groups)
+    size, per = n // groups, keep // groups
+    removed: list[int] = []
+    for i in range(groups):
+        lo = i * size
+        order = torch.argsort(scores[lo : lo + size].double(), descending=True, stable=True)
+        removed += sorted(lo + int(u) for u in order[per:])
+    return sorted(removed)
+
+
+def select_experts(
+    scores: dict[str, Tensor],
+    keep: dict[str, int],
+    routing: dict[str, ExpertRouting],
+    *,
+    selection: str = "layer",
+) -> dict[str, list[int]]:
+    """Which experts of each MoE block to remove.
+
+    Args:
+        scores: ``experts`` group name -> score per expert (higher = keep).
+        keep: group name -> experts to keep (made legal with :func:`legal_expert_keep`).
+        routing: group name -> its :class:`~prunecli.engine.apply.ExpertRouting`.
+        selection: ``layer`` (the same number kept in every block, as EASY-EP does) or
+            ``global`` (prunecli's variant, not in the paper: each block's scores are
+            normalised to sum to 1, one threshold over all blocks keeps as many experts in
+            total as ``layer`` would, each block keeping at least its legal minimum).
+
+    Returns:
+        group name -> sorted indices of the experts to remove.
+    """
+    names = [n for n in keep if n in scores]
+    counts = {n: legal_expert_keep(keep[n], routing[n]) for n in names}
+    if selection == "global" and names:
+        norm = {n: _normalised(scores[n]) for n in names}
+        budget = sum(counts.values())
+        pooled = torch.cat([norm[n] for n in names])
+        order = torch.argsort(pooled, descending=True, stable=True)
+        chosen = torch.zeros_like(pooled, dtype=torch.bool)
+        chosen[order[:budget]] = True
+        start = 0
+        for n in names:
+            k = int(chosen[start : start + routing[n].num_experts].sum())
+            start += routing[n].num_experts
+            counts[n] = legal_expert_keep(max(1, k), routing[n])
+    elif selection != "layer":
+        raise ValueError(f"unknown expert selection {selection!r}")
+    return {n: _keep_best(scores[n], counts[n], routing[n]) for n in names}
+
+
+def _normalised(s: Tensor) -> Tensor:
+    """``s / s.sum()`` (uniform when the sum is not positive)."""
+    s = s.double().clamp(min=0)
+    total = s.sum()
+    return s / total if total > 0 else torch.full_like(s, 1.0 / max(1, s.numel()))

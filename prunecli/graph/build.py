@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from prunecli.errors import UnsupportedModelError
+from prunecli.graph.experts import MoeSite, add_expert_groups
 from prunecli.graph.groups import AttentionSite, Group, Member
 from prunecli.graph.repeat import NotRepeating, repeated_blocks, trace_truncated
 from prunecli.graph.trace import _Tracer, trace_channels
@@ -25,6 +26,8 @@ class DependencyGraph:
         attention: the attention computations found (module, head groups, head counts).
         fingerprint: hash of the model's parameter names and shapes when traced.
         unknown_ops: ops the tracer does not model (their channels were locked).
+        moe: the Mixture-of-Experts blocks (:class:`~prunecli.graph.experts.MoeSite`), whose
+            routed experts are ``experts`` groups.
         example_inputs: the inputs the model was traced with (``apply_plan`` runs a probe
             forward on them); ``input_name`` is the keyword they are passed as to a
             transformers model (``None``: positional, a plain module).
@@ -45,6 +48,7 @@ class DependencyGraph:
         self.unknown_ops = unknown_ops
         self.example_inputs = example_inputs
         self.input_name = input_name
+        self.moe: list[MoeSite] = []
 
     def prunable(self, kind: str | None = None) -> list[Group]:
         """Groups that methods may remove units from (optionally of one kind)."""
@@ -164,6 +168,8 @@ def build_graph(model: nn.Module, example_inputs: tuple[Any, ...] | None = None)
     finally:
         model.train(was_training)
     graph = _groups_from_table(model, table, fingerprint)
+    modules = _module_types(model)
+    graph.moe = add_expert_groups(model, graph.groups, lambda m: _layer_of(m, modules))
     graph.example_inputs, graph.input_name = args, probe_name
     return graph
 

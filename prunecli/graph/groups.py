@@ -19,7 +19,7 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-GroupKind = Literal["heads", "kv_heads", "channels", "residual"]
+GroupKind = Literal["heads", "kv_heads", "channels", "residual", "experts"]
 MemberRole = Literal["producer", "consumer", "bias", "norm", "other"]
 
 
@@ -66,8 +66,9 @@ class Group:
 
     Args:
         name: stable name, ``<owning module>:<kind>``, e.g. ``model.layers.3.mlp:channels``.
-        kind: ``heads``, ``kv_heads`` (derived, never selected directly), ``channels``
-            or ``residual`` (channels of a residual stream).
+        kind: ``heads``, ``kv_heads`` (derived, never selected directly), ``channels``,
+            ``residual`` (channels of a residual stream) or ``experts`` (the routed experts
+            of a Mixture-of-Experts block, :mod:`prunecli.graph.experts`).
         module: qualified name of the smallest module holding every member.
         layer: index of the repeated block (transformer layer) or ``None``.
         num_units: number of units.

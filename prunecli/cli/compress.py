@@ -54,6 +54,8 @@ class CompressOptions:
     overwrite: bool = False
     calib: str | None = None
     text_field: str = "text"
+    task: str | None = None
+    label_field: str = "label"
     nsamples: int = 128  # resolve_options fills in the method's default when none is given
     seqlen: int = 128
     seed: int = 0
@@ -213,6 +215,26 @@ def compress(
         ),
     ] = None,
     text_field: TextFieldOpt = "text",
+    task: Annotated[
+        str | None,
+        typer.Option(
+            "--task",
+            help="Labelled .jsonl task for encoder methods (shrp, michel): the model gets a classifier, "
+            "is fine-tuned on it, and --recover-steps fine-tunes on it too. Texts: --text-field.",
+            metavar="FILE",
+            rich_help_panel=DATA_PANEL,
+            show_default=False,
+        ),
+    ] = None,
+    label_field: Annotated[
+        str,
+        typer.Option(
+            "--label-field",
+            help="JSON key of the label in --task.",
+            metavar="NAME",
+            rich_help_panel=DATA_PANEL,
+        ),
+    ] = "label",
     nsamples: Annotated[
         int | None,
         typer.Option(
@@ -334,6 +356,8 @@ def compress(
         "overwrite": overwrite,
         "calib": calib,
         "text_field": text_field,
+        "task": task,
+        "label_field": label_field,
         "nsamples": nsamples,
         "seqlen": seqlen,
         "seed": seed,
@@ -458,6 +482,15 @@ def resolve_options(
         # Before the model is loaded: --overwrite replaces only a prunecli checkpoint, never the
         # input model, the current directory or its ancestors; the folder must be writable.
         check_output_dir(opts.output, overwrite=opts.overwrite, inputs=(target,) if kind != "hub" else ())
+    if getattr(config, "needs_task", False) and opts.task is None:
+        raise InputError(
+            f"method {opts.method!r} fine-tunes on a labelled task",
+            hint="pass --task train.jsonl --text-field TEXT --label-field LABEL",
+        )
+    if opts.task is not None and not Path(opts.task).is_file():
+        raise InputError(
+            f"task file not found: {opts.task}", hint="pass a .jsonl file, one labelled example per line"
+        )
     for flag, source in (
         ("--calib", opts.calib),
         ("--eval-data", opts.eval_data),
@@ -616,18 +649,47 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
             ppl_before = evaluate(model, windows, progress=progress, runner=runner)
             seconds["eval_before"] = time.perf_counter() - t
 
+        task = None
+        if opts.task is not None:
+            from prunecli.tasks import as_classifier, load_task, model_label_names
+
+            t = time.perf_counter()
+            task = load_task(
+                opts.task,
+                tokenizer,
+                text_field=opts.text_field,
+                label_field=opts.label_field,
+                max_length=int(getattr(config, "max_length", 128)),
+                label_names=model_label_names(model),
+            )
+            model = as_classifier(model, task.label_names, seed=opts.seed)
+            seconds["task"] = time.perf_counter() - t
         params_before = count_parameters(model)
         t = time.perf_counter()
         with warnings.catch_warnings():  # printed once below, through `out`
             warnings.simplefilter("ignore", SparsityWarning)
-            result = prune(model, config, calib=calib, progress=progress, runner=runner, refit=opts.refit)
+            result = prune(
+                model, config, calib=calib, progress=progress, runner=runner, refit=opts.refit, task=task
+            )
         seconds["prune"] = time.perf_counter() - t
         for message in result.warnings:
             out.warn(message)
         params_after = count_parameters(model)
 
         recovery = None
-        if opts.recover_steps:
+        if opts.recover_steps and task is not None:
+            from prunecli.tasks import finetune
+
+            t = time.perf_counter()
+            losses = finetune(model, task, steps=opts.recover_steps, seed=opts.seed + 1)
+            recovery = {
+                "task": opts.task,
+                "steps": opts.recover_steps,
+                "final_loss": losses[-1],
+                "seconds": 0.0,
+            }
+            recovery["seconds"] = seconds["recover"] = time.perf_counter() - t
+        elif opts.recover_steps:
             from prunecli.recover import recover_on_text
 
             recovery = recover_on_text(

@@ -4,4 +4,4 @@ One subpackage per method, each with its config dataclass, its scoring maths and
 docstring citing its paper. See ``prunecli.config.register_method``.
 """
 
-from prunecli.methods import cfsp, flap, loraprune, magnitude, random, wanda_sp  # noqa: F401
+from prunecli.methods import cfsp, flap, loraprune, magnitude, michel, random, shrp, wanda_sp  # noqa: F401

@@ -150,10 +150,10 @@ def main() -> None:
     ap.add_argument("--train", default=str(DATA / "fine_foods_train.jsonl"))
     ap.add_argument("--test", default=str(DATA / "fine_foods_test.jsonl"))
     ap.add_argument("--n-train", type=int, default=1024)
-    ap.add_argument("--n-test", type=int, default=256)
+    ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--max-length", type=int, default=32)
-    ap.add_argument("--dense-steps", type=int, default=64)
-    ap.add_argument("--budget", type=int, default=16)
+    ap.add_argument("--dense-steps", type=int, default=48)
+    ap.add_argument("--budget", type=int, default=12)
     ap.add_argument("--drop-layers", type=int, default=5)
     ap.add_argument("--fractions", default="0.25,0.5,0.75")
     ap.add_argument("--methods", default="shrp,michel,magnitude,flap")
@@ -198,18 +198,20 @@ def main() -> None:
     calib = train.input_ids[long_enough][:32, :32]
     settings = [(f"{float(f):.0%}", float(f), 0) for f in args.fractions.split(",")]
     settings.append((f"drop{args.drop_layers}", 0.0, args.drop_layers))
+    dense_graph = build_graph(model)  # copies have the same names and shapes: one trace serves all rows
     for method in args.methods.split(","):
         for label, fraction, drop in settings:
             t = time.perf_counter()
             m = copy.deepcopy(model)
+            graph = copy.deepcopy(dense_graph)
             recover = args.budget
             if method == "shrp":
-                prune(m, ShrpConfig(sparsity=fraction, drop_layers=drop, steps=args.budget // 2), task=train)
+                cfg = ShrpConfig(sparsity=fraction, drop_layers=drop, steps=args.budget // 2)
+                prune(m, cfg, task=train, graph=graph)
                 recover = args.budget - args.budget // 2
             elif method == "michel":
-                prune(m, MichelConfig(sparsity=fraction, drop_layers=drop), task=train)
+                prune(m, MichelConfig(sparsity=fraction, drop_layers=drop), task=train, graph=graph)
             else:
-                graph = build_graph(m)
                 plan = magnitude_plan(m, graph, fraction, drop) if method == "magnitude" else None
                 if method == "flap":
                     with torch.no_grad():

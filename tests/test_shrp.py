@@ -321,3 +321,56 @@ def test_minilm_shrp_cli_compress_then_eval(tmp_path, shared_data) -> None:
     assert res.exit_code == 0, res.output
     report = json.loads(res.output[res.output.index("{") :])
     assert report["examples"] == 32 and 0.0 <= report["accuracy"] <= 1.0 and report["examples_per_s"] > 0
+
+
+def test_cli_michel_task_compress_eval_and_errors(tmp_path, tiny_tokenizer) -> None:
+    """compress --task on a bare tiny BERT folder: the checkpoint is a classifier with fewer heads
+    that `eval --task` scores; shrp without --task fails before loading (exit 2, one line)."""
+    from archs import tiny_model
+    from transformers import AutoModelForSequenceClassification
+    from typer.testing import CliRunner
+
+    from prunecli.cli import app
+
+    folder = tmp_path / "bert"
+    tiny_model("bert", vocab_size=max(128, len(tiny_tokenizer))).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    words = ["the", "it", "was", "a", "of", "and", "to", "in"]
+    lines = [
+        json.dumps({"review": f"{words[i % 8]} {words[(i * 3) % 8]}", "score": "yes" if i % 2 else "no"})
+        for i in range(24)
+    ]
+    task = tmp_path / "task.jsonl"
+    task.write_text("\n".join(lines) + "\n")
+    runner = CliRunner()
+    base = ["--task", str(task), "--text-field", "review", "--label-field", "score"]
+    res = runner.invoke(app, ["compress", str(folder), "--method", "shrp", "--sparsity", "0.5"])
+    assert res.exit_code == 2 and "--task" in res.output
+    out = tmp_path / "out"
+    res = runner.invoke(
+        app,
+        [
+            "compress",
+            str(folder),
+            "-m",
+            "michel",
+            "-s",
+            "0.5",
+            *base,
+            "--recover-steps",
+            "2",
+            "-o",
+            str(out),
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    model = AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True)
+    assert [layer.attention.self.num_attention_heads for layer in model.bert.encoder.layer] == [2, 2]
+    assert model.config.id2label == {0: "no", 1: "yes"}
+    res = runner.invoke(app, ["eval", str(out), *base, "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output[res.output.index("{") :])
+    assert report["examples"] == 24 and 0.0 <= report["macro_f1"] <= 1.0
+    res = runner.invoke(app, ["eval", str(folder), *base])
+    assert res.exit_code != 0 and "classification head" in res.output

@@ -196,7 +196,6 @@ def prune_shrp(
     tokens = [0.0]
     probs: dict[int, tuple[Tensor, Tensor]] = {}
     skips: dict[int, Tensor] = {}
-    stage = {"step": 0}
     index = {id(s): i for i, s in enumerate(sites)}
 
     def transform(site: HeadSite, xh: Tensor, hidden: Tensor | None) -> Tensor:
@@ -291,7 +290,6 @@ def prune_shrp(
         finally:
             for h in handles:
                 h.remove()
-    stage["step"] = config.steps
 
     # deployment: scores from specialisation-stage usage, constant gates, folded expanders
     scores: dict[str, Tensor] = {}

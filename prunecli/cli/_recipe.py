@@ -19,6 +19,8 @@ RECIPE_KEYS: dict[str, tuple[type, ...]] = {
     "output": (str,),
     "calib": (str,),
     "text_field": (str,),
+    "task": (str,),
+    "label_field": (str,),
     "nsamples": (int,),
     "seqlen": (int,),
     "seed": (int,),

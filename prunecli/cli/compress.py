@@ -84,6 +84,8 @@ class CompressOptions:
             d.pop(key)
         if d["nproc"] == 1:
             d.pop("nproc")
+        if d["task"] is None:
+            d.pop("label_field")
         return {k: v for k, v in d.items() if v is not None and v != [] and v != {}}
 
 

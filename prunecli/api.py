@@ -121,6 +121,7 @@ def prune(
     progress: Progress | None = None,
     runner: Runner | None = None,
     refit: bool = False,
+    task: Any = None,
 ) -> PruneResult:
     """Prune ``model`` in place with the method that ``config`` names.
 
@@ -136,6 +137,8 @@ def prune(
             layer-sequential, offloaded weights, data-parallel; default whole-model.
         refit: after the method has chosen, refit every projection that loses input columns
             by least squares on ``calib`` (:mod:`prunecli.refit`); works with every method.
+        task: a labelled task (:class:`prunecli.tasks.TaskData`) for methods that fine-tune on
+            one (``shrp``, ``michel``); their model must be a sequence classifier.
 
     Returns:
         A :class:`PruneResult`. When the removed share of all attention + MLP parameters
@@ -154,6 +157,10 @@ def prune(
         0.2
     """
     _, fn = get_method(config.method)
+    if getattr(config, "needs_task", False) and task is None:
+        raise DataError(
+            f"method {config.method!r} needs a labelled task", hint="pass --task FILE --label-field NAME"
+        )
     if config.needs_data and calib is None:
         raise DataError(f"method {config.method!r} needs calibration data", hint="pass --calib FILE")
     if refit and calib is None:
@@ -166,14 +173,14 @@ def prune(
     t0 = time.perf_counter()
     weights = runner.weights if runner is not None else None
     if graph is None:
-        with resolve(progress).task("tracing graph", total=1) as task:
+        with resolve(progress).task("tracing graph", total=1) as bar:
             if weights is not None:
                 from prunecli.calibrate.offload import build_graph_offloaded
 
                 graph = build_graph_offloaded(model, weights)
             else:
                 graph = build_graph(model)
-            task.advance()
+            bar.advance()
     seconds["graph"] = time.perf_counter() - t0
     selectable = (
         [g for g in graph.prunable("experts") if not _ignored(g, config.ignore)]
@@ -194,6 +201,8 @@ def prune(
         kwargs: dict[str, Any] = {"progress": progress}
         if "runner" in inspect.signature(fn).parameters:  # data-free methods without it read no weights
             kwargs["runner"] = runner or Runner()
+        if "task" in inspect.signature(fn).parameters:
+            kwargs["task"] = task
         plan = fn(model, graph, config, calib, **kwargs)
     seconds["score"] = time.perf_counter() - t1
     if refit and "refit" not in plan.meta:  # tyr refits its own candidates
@@ -210,9 +219,11 @@ def prune(
     prunable = sum(group_cost(graph, g) for g in selectable)
     step = largest_step(graph, selectable, config.round_to)
     summary = apply_plan(model, graph, plan, deferred=weights)
+    after = all_block_params(model, graph)
+    if plan.meta.get("drop_layers"):  # whole layers (encoder layer dropping), after the heads
+        after -= _drop_layers(model, summary, plan.meta["drop_layers"])
     seconds["apply"] = time.perf_counter() - t2
     seconds["total"] = time.perf_counter() - t0
-    after = all_block_params(model, graph)
     if total == 0:  # no repeated layers (a plain CNN): the whole model is the block
         total, after = summary.params_before, summary.params_after
         prunable = total
@@ -229,10 +240,31 @@ def prune(
         if experts
         else sparsity_warning(config.sparsity, result.achieved_sparsity, step, total, prunable, config.method)
     )
+    if getattr(config, "sparsity_unit", "params") == "heads":  # a share of heads, not of parameters
+        msg = None
     if msg is not None:
         result.warnings.append(msg)
         warnings.warn(msg, SparsityWarning, stacklevel=2)
     return result
+
+
+def _drop_layers(model: nn.Module, summary: PruneSummary, layers: list[int]) -> int:
+    """Remove whole layers after the plan; returns the attention + MLP parameters they held."""
+    from prunecli.checkpoint.modeling_prunecli import find_decoder_layers
+    from prunecli.engine.layers import drop_layers
+
+    _, layer_list = find_decoder_layers(model, model.config.num_hidden_layers)
+    dropped = sum(
+        p.numel()
+        for i in set(layers)
+        for m in layer_list[i].modules()
+        if isinstance(m, nn.Linear)
+        for p in m.parameters(recurse=False)
+    )
+    drop_layers(model, layers)
+    if hasattr(summary, "params_after"):
+        summary.params_after = sum(p.numel() for p in model.parameters())
+    return dropped
 
 
 class _nullcontext:

@@ -51,6 +51,8 @@ class CompressOptions:
     overwrite: bool = False
     calib: str | None = None
     text_field: str = "text"
+    task: str | None = None
+    label_field: str = "label"
     nsamples: int = 128  # resolve_options fills in the method's default when none is given
     seqlen: int = 128
     seed: int = 0
@@ -89,7 +91,9 @@ class CompressOptions:
             d.pop("nproc")
         if d["speed"]:
             d.pop("speed")
-        for key in ("output", "calib", "eval_data", "recover_data", "model"):
+        if d["task"] is None:
+            d.pop("label_field")
+        for key in ("output", "calib", "task", "eval_data", "recover_data", "model"):
             value = d.get(key)
             if isinstance(value, str) and not value.startswith(("hf:", "builtin:")):
                 p = Path(value).expanduser()
@@ -122,7 +126,10 @@ class Report:
         output / verify: the checkpoint folder and the reload check it passed.
         plan: the replayable plan (``Plan.to_dict()``) plus ``groups_pruned`` / ``units_removed``.
         summary: the engine's summary of the removal.
-        recovery: the LoRA recovery record (``recover_steps``), else ``None``.
+        recovery: the LoRA recovery record (``recover_steps``), or with ``task`` the task
+            fine-tuning record (task, steps, final loss, seconds), else ``None``.
+        task: the labelled task (file, text/label fields, labels, examples) the model was
+            turned into a classifier for and fine-tuned on (``task``), else ``None``.
         warnings: everything the run warned about.
         recipe: the effective recipe (absolute paths); also saved as ``recipe.yaml``.
         gates: one record per ``expect`` gate (see ``prunecli.recipe.check_gates``).
@@ -158,6 +165,7 @@ class Report:
     load_hint: str | None = None
     tyr: dict[str, Any] | None = None
     experts: dict[str, Any] | None = None
+    task: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -306,6 +314,15 @@ def resolve_options(
         *(("--demos", d) for d in opts.demos),
     ):
         check_data_source(source, flag)
+    if getattr(config, "needs_task", False) and opts.task is None:
+        raise InputError(
+            f"method {opts.method!r} fine-tunes on a labelled task",
+            hint="pass --task train.jsonl --text-field TEXT --label-field LABEL",
+        )
+    if opts.task is not None and not Path(opts.task).is_file():
+        raise InputError(
+            f"task file not found: {opts.task}", hint="pass a .jsonl file, one labelled example per line"
+        )
     return opts, config
 
 
@@ -570,6 +587,11 @@ class _Run:
                     f"({self.memory.reason})",
                     hint="recover the saved checkpoint on a machine that holds it: prunecli recover OUT ...",
                 )
+            if opts.task is not None:
+                raise InputError(
+                    f"--task fine-tunes the whole model, which is not in memory in this run ({self.memory.reason})",
+                    hint="drop --sequential / --max-memory (encoders fit in memory)",
+                )
         started = time.perf_counter()
         with distributed.session(opts.device) as (rank, world):
             self.rank, self.world = rank, world
@@ -577,6 +599,7 @@ class _Run:
             self._calibration()
             self._eval_windows()
             self.ppl_before = self._evaluate("eval_before")
+            self._task()
             self._keep_dense_copy()
             self._prune()
             self._recover()
@@ -684,6 +707,34 @@ class _Run:
         self.seconds[step] = time.perf_counter() - t
         return result
 
+    def _task(self) -> None:
+        """With ``task``: read the labelled examples and give the model a classifier head for them."""
+        opts = self.opts
+        self.task = None
+        self.task_record: dict[str, Any] | None = None
+        if opts.task is None:
+            return
+        from prunecli.tasks import as_classifier, load_task, model_label_names
+
+        t = time.perf_counter()
+        self.task = load_task(
+            opts.task,
+            self.loaded.tokenizer,
+            text_field=opts.text_field,
+            label_field=opts.label_field,
+            max_length=int(getattr(self.config, "max_length", 128)),
+            label_names=model_label_names(self.loaded.model),
+        )
+        self.loaded.model = as_classifier(self.loaded.model, self.task.label_names, seed=opts.seed)
+        self.seconds["task"] = time.perf_counter() - t
+        self.task_record = {
+            "source": opts.task,
+            "text_field": opts.text_field,
+            "label_field": opts.label_field,
+            "labels": [str(n) for n in self.task.label_names],
+            "examples": len(self.task),
+        }
+
     def _keep_dense_copy(self) -> None:
         """A copy of the unpruned model, to time it interleaved with the pruned one (``speed``)."""
         self.dense = None
@@ -722,6 +773,7 @@ class _Run:
                 progress=self.progress,
                 runner=self.runner,
                 refit=self.opts.refit,
+                task=self.task,
             )
         self.seconds["prune"] = time.perf_counter() - t
         for message in self.result.warnings:
@@ -745,6 +797,19 @@ class _Run:
         opts = self.opts
         self.recovery = None
         if not opts.recover_steps:
+            return
+        if self.task is not None:  # fine-tune the classifier on the task instead of LoRA on text
+            from prunecli.tasks import finetune
+
+            t = time.perf_counter()
+            losses = finetune(self.loaded.model, self.task, steps=opts.recover_steps, seed=opts.seed + 1)
+            self.seconds["recover"] = time.perf_counter() - t
+            self.recovery = {
+                "task": opts.task,
+                "steps": opts.recover_steps,
+                "final_loss": losses[-1],
+                "seconds": self.seconds["recover"],
+            }
             return
         from prunecli.recover import recover_on_text
 
@@ -800,6 +865,7 @@ class _Run:
             gates=[],
             tyr=result.plan.meta.get("tyr"),
             experts=result.to_dict()["experts"] if expert_method else None,
+            task=self.task_record,
         )
 
     def _save(self) -> None:
@@ -851,13 +917,19 @@ def read_verify(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 def load_hint(path: str | os.PathLike[str]) -> str:
     """How to load the checkpoint at ``path``: stock transformers, or remote code / prunecli for per-layer widths."""
     from prunecli.checkpoint.save import MODELING_FILE
+    from prunecli.models.files import read_json
 
+    config_file = Path(path) / "config.json"
+    architectures = (read_json(config_file).get("architectures") if config_file.is_file() else None) or [""]
+    auto = "AutoModelForCausalLM"
+    if str(architectures[0]).endswith("ForSequenceClassification"):  # compress --task
+        auto = "AutoModelForSequenceClassification"
     if (Path(path) / MODELING_FILE).is_file():
         return (
-            f"widths differ by layer: load with AutoModelForCausalLM.from_pretrained({str(path)!r}, "
+            f"widths differ by layer: load with {auto}.from_pretrained({str(path)!r}, "
             f"trust_remote_code=True) or prunecli.load_model({str(path)!r})"
         )
-    return f"load with AutoModelForCausalLM.from_pretrained({str(path)!r})"
+    return f"load with {auto}.from_pretrained({str(path)!r})"
 
 
 def _memory_section(memory: Any, runner: Any) -> dict[str, Any]:

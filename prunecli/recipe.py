@@ -29,6 +29,8 @@ RECIPE_KEYS: dict[str, tuple[type, ...]] = {
     "output": (str,),
     "calib": (str,),
     "text_field": (str,),
+    "task": (str,),
+    "label_field": (str,),
     "nsamples": (int,),
     "seqlen": (int,),
     "seed": (int,),
@@ -52,7 +54,7 @@ RECIPE_KEYS: dict[str, tuple[type, ...]] = {
     "demos": (list, str),
 }
 # Keys that hold paths, resolved relative to the recipe file ("model" only when that path exists).
-PATH_KEYS = ("model", "output", "calib", "eval_data", "recover_data", "demos")
+PATH_KEYS = ("model", "output", "calib", "task", "eval_data", "recover_data", "demos")
 # Options that must be typed on the command line, never taken from a file someone sent you.
 COMMAND_LINE_ONLY = ("allow_pickle", "trust_remote_code", "overwrite", "json", "quiet", "recipe")
 

@@ -174,6 +174,26 @@ def compress(
         ),
     ] = None,
     text_field: TextFieldOpt = "text",
+    task: Annotated[
+        str | None,
+        typer.Option(
+            "--task",
+            help="Labelled .jsonl task for encoder methods (shrp, michel): the model gets a classifier, "
+            "is fine-tuned on it, and --recover-steps fine-tunes on it too. Texts: --text-field.",
+            metavar="FILE",
+            rich_help_panel=DATA_PANEL,
+            show_default=False,
+        ),
+    ] = None,
+    label_field: Annotated[
+        str,
+        typer.Option(
+            "--label-field",
+            help="JSON key of the label in --task.",
+            metavar="NAME",
+            rich_help_panel=DATA_PANEL,
+        ),
+    ] = "label",
     nsamples: Annotated[
         int | None,
         typer.Option(
@@ -328,6 +348,8 @@ def compress(
         "overwrite": overwrite,
         "calib": calib,
         "text_field": text_field,
+        "task": task,
+        "label_field": label_field,
         "nsamples": nsamples,
         "seqlen": seqlen,
         "seed": seed,
@@ -485,7 +507,11 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
                 _fmt_change(ppl["tokens_per_s_before"], ppl["tokens_per_s_after"]),
             )
     recovery = report.get("recovery")
-    if recovery:
+    if recovery and "final_loss" in recovery:  # --task: the classifier fine-tuned on the task
+        table.add_row(
+            f"task loss after {recovery['steps']} fine-tuning steps", "", f"{recovery['final_loss']:.3f}", ""
+        )
+    elif recovery:
         table.add_row(
             f"recovery loss ({recovery['steps']} steps, mean of {recovery['loss_window']})",
             f"{recovery['loss_start']:.3f}",

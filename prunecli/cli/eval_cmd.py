@@ -1,4 +1,6 @@
-"""``prunecli eval``: perplexity, parameter count and throughput of a model on a text."""
+"""``prunecli eval``: perplexity, parameter count and throughput of a model on a text, its
+lm-evaluation-harness accuracy (``--tasks``), or the accuracy, macro-F1 and examples/s of an
+encoder classifier on a labelled ``.jsonl`` (``--task``)."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from prunecli.cli._options import (
     check_data_source,
 )
 from prunecli.cli.output import Output, library_bars_off, to_json
-from prunecli.errors import InputError
+from prunecli.errors import InputError, UnsupportedModelError
 
 
 def eval_model(
@@ -49,12 +51,28 @@ def eval_model(
         str | None,
         typer.Option(
             "--tasks",
-            help="lm-evaluation-harness tasks, comma-separated (e.g. hellaswag,arc_easy); needs prunecli[eval]. "
-            "The loaded model object is evaluated, so per-layer checkpoints need no remote code.",
+            help="lm-evaluation-harness task NAMES, comma-separated (e.g. hellaswag,arc_easy); needs "
+            "prunecli[eval]. The loaded model object is evaluated, so per-layer checkpoints need no remote "
+            "code. (A labelled .jsonl file of your own is --task FILE.)",
             metavar="NAMES",
             show_default=False,
         ),
     ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            "--task",
+            help="Labelled .jsonl FILE to classify with an encoder classifier (e.g. a `compress --task` "
+            "checkpoint): accuracy, macro-F1, examples/s. Texts: --text-field, labels: --label-field, "
+            "tokens per example: --seqlen, at most --max-windows examples. Not with --data or --tasks "
+            "(lm-eval task names).",
+            metavar="FILE",
+            show_default=False,
+        ),
+    ] = None,
+    label_field: Annotated[
+        str, typer.Option("--label-field", help="JSON key of the label in --task FILE.", metavar="NAME")
+    ] = "label",
     task_dir: Annotated[
         list[Path] | None,
         typer.Option(
@@ -85,7 +103,8 @@ def eval_model(
     ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Measure the perplexity of one or more models on non-overlapping windows of a text.
+    """Measure the perplexity of one or more models on non-overlapping windows of a text, or
+    classify a labelled task with encoder classifiers (--task).
 
     With one model, --json prints one object; with several, one JSON list. --jsonl prints one
     line per model as soon as it is measured. --quiet prints the perplexity (with several
@@ -96,6 +115,8 @@ def eval_model(
       prunecli eval smollm2-135m --data builtin:heldout --seqlen 256 --max-windows 4
 
       prunecli compress smollm2-135m -m magnitude -s 0.2 -o out/m20 --json | prunecli eval - --data builtin:heldout --jsonl
+
+      prunecli eval minilm-shrp-50 --task test.jsonl --text-field review --label-field score --seqlen 128
     """
     import sys
 
@@ -106,10 +127,19 @@ def eval_model(
     if jsonl and json:
         raise InputError("--json and --jsonl both given", hint="pick one: --json (one document) or --jsonl")
     task_names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
-    if data is None and not task_names:
+    if task is not None:
+        check_task_file(task, data=data, tasks=task_names)
+    elif data is None and not task_names:
         raise InputError(
-            "nothing to evaluate", hint="pass --data SRC (perplexity) and/or --tasks NAMES (lm-eval)"
+            "nothing to evaluate",
+            hint="pass --data SRC (perplexity), --tasks NAMES (lm-eval) or --task FILE (a labelled .jsonl)",
         )
+    for name in task_names:
+        if name.endswith((".jsonl", ".json")) and Path(name).is_file():
+            raise InputError(
+                f"--tasks takes lm-eval task names, {name!r} is a file",
+                hint=f"classify a labelled file with --task {name}",
+            )
     for folder in task_dir or []:
         if not folder.is_dir():
             raise InputError(
@@ -133,6 +163,8 @@ def eval_model(
                 progress=progress,
             )
             metrics: dict[str, Any] = {}
+            if task is not None:
+                metrics = classify_task(loaded, task, text_field, label_field, seqlen, max_windows)
             if data is not None:
                 warning = max_length_warning(loaded.model, seqlen)
                 if warning:
@@ -163,6 +195,7 @@ def eval_model(
             "model": spec,
             "source": str(loaded.source),
             "data": data,
+            **({"task": task} if task is not None else {}),
             **metrics,
             "load_seconds": loaded.load_seconds,
         }
@@ -181,10 +214,51 @@ def eval_model(
     out.result(reports, lambda console: render_many(console, reports), quiet_line=lines)
 
 
+def check_task_file(task: str, *, data: str | None, tasks: list[str]) -> None:
+    """``--task FILE`` before any model loads: alone (not with --data / --tasks) and an existing file."""
+    if data is not None or tasks:
+        raise InputError(
+            "--task (classify a labelled .jsonl) cannot be combined with "
+            + ("--data (perplexity)" if data is not None else "--tasks (lm-eval)"),
+            hint="evaluate the classifier with --task FILE alone, in a separate `prunecli eval` call",
+        )
+    if not Path(task).is_file():
+        hint = "pass a .jsonl file, one labelled example per line"
+        if not task.endswith((".jsonl", ".json")) and "/" not in task:
+            hint += f"; for lm-evaluation-harness tasks use --tasks {task}"
+        raise InputError(f"--task: task file not found: {task}", hint=hint)
+
+
+def classify_task(
+    loaded: Any, task: str, text_field: str, label_field: str, seqlen: int, max_examples: int | None
+) -> dict[str, Any]:
+    """Accuracy, macro-F1, examples/s and parameters of a loaded sequence classifier on a labelled jsonl."""
+    from prunecli.evaluate import count_parameters
+    from prunecli.tasks import evaluate_task, is_classifier, load_task, model_label_names
+
+    if not is_classifier(loaded.model):
+        raise UnsupportedModelError(
+            f"{type(loaded.model).__name__} has no classification head",
+            hint="evaluate a checkpoint fine-tuned on the task (prunecli compress ... --task FILE)",
+        )
+    data = load_task(
+        task,
+        loaded.tokenizer,
+        text_field=text_field,
+        label_field=label_field,
+        max_length=seqlen,
+        limit=max_examples,
+        label_names=model_label_names(loaded.model),
+    )
+    return {**evaluate_task(loaded.model, data), "params": count_parameters(loaded.model)}
+
+
 def _headline(report: dict[str, Any]) -> str:
-    """Perplexity, else the first task's accuracy (``--quiet``)."""
+    """Perplexity, else the classification accuracy (``--task``), else the first lm-eval task's accuracy (``--quiet``)."""
     if report.get("perplexity") is not None:
         return f"{report['perplexity']:.4f}"
+    if report.get("accuracy") is not None:
+        return f"{report['accuracy']:.4f}"
     first = next(iter((report.get("tasks") or {}).values()), {})
     value = first.get("acc", next(iter(first.values()), float("nan")))
     return f"{value:.4f}"
@@ -245,27 +319,44 @@ def to_json_line(data: Any) -> str:
 
 def render_many(console: Console, reports: list[dict[str, Any]]) -> None:
     """One row per model."""
-    what = f"perplexity on {reports[0]['data']}" if reports[0].get("data") else "first task's accuracy"
+    first = reports[0]
+    if first.get("data"):
+        what = f"perplexity on {first['data']}"
+    elif first.get("task"):
+        what = f"accuracy on {first['task']}"
+    else:
+        what = "first task's accuracy"
+    classify = bool(first.get("task"))
     table = Table(title=what)
     table.add_column("model")
-    table.add_column("perplexity" if reports[0].get("data") else "accuracy", justify="right")
+    table.add_column("perplexity" if first.get("data") else "accuracy", justify="right")
+    if classify:
+        table.add_column("macro-F1", justify="right")
     table.add_column("parameters", justify="right")
-    table.add_column("tokens/s", justify="right")
+    table.add_column("examples/s" if classify else "tokens/s", justify="right")
     for r in reports:
-        tps = r.get("tokens_per_s")
-        table.add_row(r["model"], _headline(r), f"{r['params']:,}", "-" if tps is None else f"{tps:,.0f}")
+        rate = r.get("examples_per_s") if classify else r.get("tokens_per_s")
+        rate_text = "-" if rate is None else f"{rate:,.1f}" if classify else f"{rate:,.0f}"
+        f1 = [f"{r['macro_f1']:.4f}"] if classify else []
+        table.add_row(r["model"], _headline(r), *f1, f"{r['params']:,}", rate_text)
     console.print(table)
 
 
 def render_eval(console: Console, report: dict[str, Any]) -> None:
     """Table of the evaluation metrics."""
-    title = report["model"] + (f" on {report['data']}" if report.get("data") else "")
+    where = report.get("data") or report.get("task")
+    title = report["model"] + (f" on {where}" if where else "")
     table = Table(title=title, show_header=False)
     table.add_column("metric")
     table.add_column("value", justify="right")
     if report.get("perplexity") is not None:
         table.add_row("perplexity", f"{report['perplexity']:.3f}")
         table.add_row("windows x tokens", f"{report['n_windows']} x {report['seqlen']}")
+    if report.get("accuracy") is not None:  # --task
+        table.add_row("accuracy", f"{report['accuracy']:.4f}")
+        table.add_row("macro-F1", f"{report['macro_f1']:.4f}")
+        table.add_row("examples", f"{report['examples']:,}")
+        table.add_row("examples/s (forward pass)", f"{report['examples_per_s']:,.1f}")
     table.add_row("parameters", f"{report['params']:,}")
     if report.get("tokens_per_s") is not None:
         table.add_row("tokens/s (forward pass)", f"{report['tokens_per_s']:,.0f}")
@@ -274,5 +365,6 @@ def render_eval(console: Console, report: dict[str, Any]) -> None:
             table.add_row(f"{task}: {name}", f"{value:.4f}")
     table.add_row("seconds: load", f"{report['load_seconds']:.1f}")
     if report.get("eval_seconds") is not None:
-        table.add_row("seconds: perplexity", f"{report['eval_seconds']:.1f}")
+        what = "classification" if report.get("accuracy") is not None else "perplexity"
+        table.add_row(f"seconds: {what}", f"{report['eval_seconds']:.1f}")
     console.print(table)

@@ -4,4 +4,15 @@ One subpackage per method, each with its config dataclass, its scoring maths and
 docstring citing its paper. See ``prunecli.config.register_method``.
 """
 
-from prunecli.methods import cfsp, experts, flap, loraprune, magnitude, random, tyr, wanda_sp  # noqa: F401
+from prunecli.methods import (  # noqa: F401
+    cfsp,
+    experts,
+    flap,
+    loraprune,
+    magnitude,
+    michel,
+    random,
+    shrp,
+    tyr,
+    wanda_sp,
+)

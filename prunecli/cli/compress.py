@@ -74,6 +74,8 @@ class CompressOptions:
     max_memory: str | None = None
     refit: bool = False
     nproc: int = 1
+    export: str | None = None
+    export_outtype: str = "f32"
 
     def to_recipe(self) -> dict[str, Any]:
         """The options as a recipe mapping (``--recipe`` re-runs it; security flags left out)."""
@@ -172,6 +174,26 @@ def compress(
         ),
     ] = False,
     no_verify: NoVerifyOpt = False,
+    export: Annotated[
+        str | None,
+        typer.Option(
+            "--export",
+            help="Also write the pruned model as OUT.onnx (onnxruntime) or OUT.gguf (llama.cpp) beside "
+            "the --output folder, checked like `prunecli export` does.",
+            metavar="onnx|gguf",
+            rich_help_panel=OUTPUT_PANEL,
+            show_default=False,
+        ),
+    ] = None,
+    export_outtype: Annotated[
+        str,
+        typer.Option(
+            "--export-outtype",
+            help="GGUF weight type for --export gguf: f32, f16 or q8_0.",
+            metavar="TYPE",
+            rich_help_panel=OUTPUT_PANEL,
+        ),
+    ] = "f32",
     refit: Annotated[
         bool,
         typer.Option(
@@ -354,6 +376,8 @@ def compress(
         "max_memory": max_memory,
         "refit": refit,
         "nproc": nproc,
+        "export": export,
+        "export_outtype": export_outtype,
     }
     param_names = {"set": "set_", "verify": "no_verify"}
     on_command_line = {
@@ -458,6 +482,14 @@ def resolve_options(
         # Before the model is loaded: --overwrite replaces only a prunecli checkpoint, never the
         # input model, the current directory or its ancestors; the folder must be writable.
         check_output_dir(opts.output, overwrite=opts.overwrite, inputs=(target,) if kind != "hub" else ())
+    if opts.export is not None:
+        from prunecli.export import check_format
+        from prunecli.export._files import check_output_file
+
+        opts.export = check_format(opts.export, opts.export_outtype)
+        if opts.output is None:
+            raise InputError("--export needs --output (the file is written beside the folder)")
+        check_output_file(export_path(opts), overwrite=opts.overwrite, suffix=f".{opts.export}")
     for flag, source in (
         ("--calib", opts.calib),
         ("--eval-data", opts.eval_data),
@@ -465,6 +497,12 @@ def resolve_options(
     ):
         check_data_source(source, flag)
     return opts, config
+
+
+def export_path(opts: CompressOptions) -> Path:
+    """Where ``--export`` writes: ``OUT.onnx`` / ``OUT.gguf`` beside the ``--output`` folder ``OUT``."""
+    out = Path(str(opts.output)).expanduser()
+    return out.parent / f"{out.name}.{opts.export}"
 
 
 def check_processes(method: str, recover_steps: int, nproc: int, device: str | None = None) -> None:
@@ -551,6 +589,11 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
             raise InputError(
                 f"--refit rewrites the projections, which are not in memory in this run ({memory.reason})",
                 hint="drop --refit, or run where the model fits (without --sequential / --max-memory)",
+            )
+        if opts.export:
+            raise InputError(
+                f"--export needs the whole pruned model in memory, which it is not in this run ({memory.reason})",
+                hint="export the saved checkpoint where it fits: prunecli export OUT --format ...",
             )
         if opts.recover_steps:
             raise InputError(
@@ -665,6 +708,7 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
             "seconds": seconds,
             "prune_steps_seconds": dict(getattr(result, "seconds", {}) or {}),
             "output": None,
+            "export": None,
             "verify": None,
             "plan": _plan_section(plan),
             "summary": summary,
@@ -705,6 +749,22 @@ def run_compress(opts: CompressOptions, config: Any, out: Output) -> dict[str, A
             seconds["save"] = time.perf_counter() - t
             report["output"] = str(path)
             report["verify"] = read_verify(path)
+            if opts.export:
+                from prunecli.export import export_model
+
+                t = time.perf_counter()
+                report["export"] = export_model(
+                    model,
+                    opts.export,
+                    export_path(opts),
+                    tokenizer=tokenizer,
+                    outtype=opts.export_outtype,
+                    overwrite=opts.overwrite,
+                    verify=opts.verify,
+                )
+                seconds["export"] = time.perf_counter() - t
+                for message in report["export"].get("warnings", []):
+                    out.warn(message)
     seconds["total"] = time.perf_counter() - started
     if rank > 0:
         return report
@@ -924,3 +984,13 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
         line = verify_line(report.get("verify"))
         if line:
             console.print(line, markup=False, highlight=False, soft_wrap=True)
+    if report.get("export"):
+        from prunecli.cli.export_cmd import verify_text
+
+        exported = report["export"]
+        console.print(
+            f"exported to {exported['path']} ({exported['bytes'] / 1e6:,.1f} MB): {verify_text(exported['verify'])}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )

@@ -36,6 +36,8 @@ RECIPE_KEYS: dict[str, tuple[type, ...]] = {
     "sequential": (bool,),
     "refit": (bool,),
     "max_memory": (str, int),
+    "export": (str,),
+    "export_outtype": (str,),
 }
 # Options that must be typed on the command line, never taken from a file someone sent you.
 COMMAND_LINE_ONLY = ("allow_pickle", "trust_remote_code", "overwrite", "json", "quiet", "recipe")

@@ -84,6 +84,8 @@ class CompressOptions:
             d.pop(key)
         if d["nproc"] == 1:
             d.pop("nproc")
+        if d["export"] is None or d["export"] == "onnx":
+            d.pop("export_outtype")
         return {k: v for k, v in d.items() if v is not None and v != [] and v != {}}
 
 

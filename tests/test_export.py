@@ -299,6 +299,6 @@ def test_llamacpp_runs_uniform_and_deci_exports(dense, flap_model, tokenizer, tm
         assert report["verify"]["check"] == "llama.cpp"
         got = llamacpp_logits(tmp_path / f"{name}.gguf", ids[0].tolist())
         want = torch_logits(model, ids)[0]
-        # f32 weights, f32 maths in a different order: ~1e-5 relative; 1e-3 leaves room
-        assert np.abs(got - want).max() <= 1e-3 * max(1.0, np.abs(want).max()), name
+        # f32 weights and KV cache, f32 maths in a different order: ~4e-6 relative on SmolLM2
+        assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max()), name
         assert (got.argmax(-1) == want.argmax(-1)).all(), name

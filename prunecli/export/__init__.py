@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from prunecli.errors import InputError
-from prunecli.export.gguf_export import OUTTYPES, llamacpp_logits, to_gguf
+from prunecli.export.gguf_export import OUTTYPES, llamacpp_logits, open_llama, to_gguf
 from prunecli.export.onnx_export import onnxruntime_logits, to_onnx
 
 FORMATS = ("onnx", "gguf")
@@ -32,6 +32,7 @@ __all__ = [
     "export_model",
     "llamacpp_logits",
     "onnxruntime_logits",
+    "open_llama",
     "to_gguf",
     "to_onnx",
 ]

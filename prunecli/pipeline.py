@@ -78,6 +78,9 @@ class CompressOptions:
     # Mixture-of-Experts expert pruning (easy-ep, reap, frequency, random-experts)
     keep_experts: float | None = None
     demos: list[str] = dataclasses.field(default_factory=list)
+    # also write the pruned model as OUT.onnx / OUT.gguf beside the output folder
+    export: str | None = None
+    export_outtype: str = "f32"
 
     def to_recipe(self) -> dict[str, Any]:
         """The options as a recipe mapping (re-runs the same run; security flags left out).
@@ -93,6 +96,8 @@ class CompressOptions:
             d.pop("speed")
         if d["task"] is None:
             d.pop("label_field")
+        if d["export"] is None or d["export"] == "onnx":
+            d.pop("export_outtype")
         for key in ("output", "calib", "task", "eval_data", "recover_data", "model"):
             value = d.get(key)
             if isinstance(value, str) and not value.startswith(("hf:", "builtin:")):
@@ -134,6 +139,7 @@ class Report:
         recipe: the effective recipe (absolute paths); also saved as ``recipe.yaml``.
         gates: one record per ``expect`` gate (see ``prunecli.recipe.check_gates``).
         load_hint: how to load the saved checkpoint.
+        export: the ``--export`` record (format, path, bytes, verification), else ``None``.
         tyr: Týr's search record (per-layer sparsity, fitness per generation, cost split), or
             ``None`` for other methods (also in ``plan.meta.tyr``).
         experts: the expert methods' record (experts kept and removed per MoE layer, see
@@ -166,6 +172,7 @@ class Report:
     tyr: dict[str, Any] | None = None
     experts: dict[str, Any] | None = None
     task: dict[str, Any] | None = None
+    export: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -307,6 +314,14 @@ def resolve_options(
         # Before the model is loaded: overwrite replaces only a prunecli checkpoint, never the
         # input model, the current directory or its ancestors; the folder must be writable.
         check_output_dir(opts.output, overwrite=opts.overwrite, inputs=(target,) if kind != "hub" else ())
+    if opts.export is not None:
+        from prunecli.export import check_format
+        from prunecli.export._files import check_output_file
+
+        opts.export = check_format(opts.export, opts.export_outtype)
+        if opts.output is None:
+            raise InputError("--export needs --output (the file is written beside the folder)")
+        check_output_file(export_path(opts), overwrite=opts.overwrite, suffix=f".{opts.export}")
     for flag, source in (
         ("--calib", opts.calib),
         ("--eval-data", opts.eval_data),
@@ -586,6 +601,11 @@ class _Run:
                     "--recover-steps fine-tunes the whole model, which is not in memory in this run "
                     f"({self.memory.reason})",
                     hint="recover the saved checkpoint on a machine that holds it: prunecli recover OUT ...",
+                )
+            if opts.export:
+                raise InputError(
+                    f"--export needs the whole pruned model in memory, which it is not in this run ({self.memory.reason})",
+                    hint="export the saved checkpoint where it fits: prunecli export OUT --format ...",
                 )
             if opts.task is not None:
                 raise InputError(
@@ -890,6 +910,28 @@ class _Run:
         report.output = str(path)
         report.verify = read_verify(path)
         report.load_hint = load_hint(path)
+        if opts.export:
+            from prunecli.export import export_model
+
+            t = time.perf_counter()
+            report.export = export_model(
+                self.loaded.model,
+                opts.export,
+                export_path(opts),
+                tokenizer=self.loaded.tokenizer,
+                outtype=opts.export_outtype,
+                overwrite=opts.overwrite,
+                verify=opts.verify,
+            )
+            self.seconds["export"] = time.perf_counter() - t
+            for message in report.export.get("warnings", []):
+                self.warn(message)
+
+
+def export_path(opts: CompressOptions) -> Path:
+    """Where ``--export`` writes: ``OUT.onnx`` / ``OUT.gguf`` beside the ``--output`` folder ``OUT``."""
+    out = Path(str(opts.output)).expanduser()
+    return out.parent / f"{out.name}.{opts.export}"
 
 
 def _tyr_plot(meta: dict[str, Any] | None) -> Any:

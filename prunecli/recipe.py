@@ -52,6 +52,8 @@ RECIPE_KEYS: dict[str, tuple[type, ...]] = {
     "expect": (dict,),
     "keep_experts": (float, int),
     "demos": (list, str),
+    "export": (str,),
+    "export_outtype": (str,),
 }
 # Keys that hold paths, resolved relative to the recipe file ("model" only when that path exists).
 PATH_KEYS = ("model", "output", "calib", "task", "eval_data", "recover_data", "demos")

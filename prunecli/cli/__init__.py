@@ -18,6 +18,7 @@ from typer.core import TyperGroup
 from prunecli.cli import cache_cmd as _cache
 from prunecli.cli import compress as _compress
 from prunecli.cli import eval_cmd as _eval
+from prunecli.cli import export_cmd as _export
 from prunecli.cli import graph as _graph
 from prunecli.cli import inspect_cmd as _inspect
 from prunecli.cli import methods_cmd as _methods
@@ -124,6 +125,7 @@ def _root(
 
 app.command("compress", no_args_is_help=True)(_compress.compress)
 app.command("eval", no_args_is_help=True)(_eval.eval_model)
+app.command("export", no_args_is_help=True)(_export.export)
 app.command("graph", no_args_is_help=True)(_graph.graph)
 app.command("inspect", no_args_is_help=True)(_inspect.inspect_model)
 app.command("recover", no_args_is_help=True)(_recover.recover_model)

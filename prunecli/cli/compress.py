@@ -133,6 +133,26 @@ def compress(
         ),
     ] = False,
     no_verify: NoVerifyOpt = False,
+    export: Annotated[
+        str | None,
+        typer.Option(
+            "--export",
+            help="Also write the pruned model as OUT.onnx (onnxruntime) or OUT.gguf (llama.cpp) beside "
+            "the --output folder, checked like `prunecli export` does.",
+            metavar="onnx|gguf",
+            rich_help_panel=OUTPUT_PANEL,
+            show_default=False,
+        ),
+    ] = None,
+    export_outtype: Annotated[
+        str,
+        typer.Option(
+            "--export-outtype",
+            help="GGUF weight type for --export gguf: f32, f16 or q8_0.",
+            metavar="TYPE",
+            rich_help_panel=OUTPUT_PANEL,
+        ),
+    ] = "f32",
     refit: Annotated[
         bool,
         typer.Option(
@@ -373,6 +393,8 @@ def compress(
         "speed": not no_speed,
         "keep_experts": keep_experts,
         "demos": list(demos or []),
+        "export": export,
+        "export_outtype": export_outtype,
     }
     param_names = {"set": "set_", "verify": "no_verify", "speed": "no_speed"}
     on_command_line = {
@@ -587,3 +609,13 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
             console.print(line, markup=False, highlight=False, soft_wrap=True)
         if report.get("load_hint"):
             console.print(report["load_hint"], markup=False, highlight=False, soft_wrap=True)
+    if report.get("export"):
+        from prunecli.cli.export_cmd import verify_text
+
+        exported = report["export"]
+        console.print(
+            f"exported to {exported['path']} ({exported['bytes'] / 1e6:,.1f} MB): {verify_text(exported['verify'])}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )

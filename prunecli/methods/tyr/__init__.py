@@ -53,7 +53,7 @@ from prunecli.methods.tyr.search import (
     head_ladder,
     proxy_start,
 )
-from prunecli.methods.tyr.supernet import Evaluator, PrefixCache, TokenSet, build, full_weight
+from prunecli.methods.tyr.supernet import Evaluator, PrefixCache, TokenSet, build, teacher_topk, write_level
 from prunecli.progress import Progress, resolve
 
 __all__ = ["TyrConfig", "prune_tyr", "variables_of", "initial_widths"]
@@ -223,9 +223,7 @@ def prune_tyr(
     try:
         t0 = time.perf_counter()
         search_model = _search_model(model, config.search_dtype)
-        ev0 = Evaluator(search_model, graph, variables, root, runner)
-        ev0.hooks.remove()
-        teacher = ev0.teacher(calib, config.kl_topk)
+        teacher = teacher_topk(runner, search_model, calib, config.kl_topk)
         seconds["teacher"] = time.perf_counter() - t0
         fixed_idx = sorted(order[: stage_windows[-1]])
         for it in range(config.iterations):
@@ -384,16 +382,8 @@ def _final_plan(
     for i, (v, level) in enumerate(zip(variables, state)):
         removed, per = ev.load(i, level)
         removals[v.name] = removed
-        for c, (w, b) in per.items():
-            units = [
-                list(ix)
-                for m in graph.groups[v.name].consumers()
-                if m.module == c and m.dim == 1
-                for ix in m.index
-            ]
-            cols = sorted({x for u in removed for x in units[u]})
-            with torch.no_grad():
-                model.get_submodule(c).weight.copy_(full_weight(model, c, w, cols))
+        write_level(model, graph, v, removed, per)
+        for c, (_, b) in per.items():
             bias[c] = b.double().tolist()
     return Plan(removals, bias_updates=bias, fingerprint=graph.fingerprint)
 

@@ -78,32 +78,50 @@ def candidates(
         removals = []
         for layouts in var.widths:  # layouts of equal cost: keep the one with the smallest refitted error
             options = [layout.removal(scores, gr[0], gr[1]) for gr in layouts]
-            removals.append(min(options, key=lambda rm: (_refit_error(model, var, data, rm, damp), len(rm))))
+            removals.append(min(options, key=lambda rm: (_refit(model, var, data, rm, damp)[1], len(rm))))
     out = []
     energy = sum(float(((b.T @ gram.to(torch.float64)) * b.T).sum()) for b, gram, _ in data)
     for removed in removals:
-        per: dict[str, tuple[Tensor, Tensor]] = {}
-        err = 0.0
-        for c, (_, gram, units) in zip(var.consumers, data):
-            mod = model.get_submodule(c)
-            cols = sorted({i for u in removed for i in units[u]})
-            res = refit_columns(mod.weight, mod.bias, gram, cols, damp)
-            err += min(res.error_refit, res.error_bias, res.error_removed)
-            keep = [i for i in range(mod.weight.shape[1]) if i not in set(cols)]
-            per[c] = (res.weight[:, keep].contiguous(), res.bias_delta.float().contiguous())
+        per, err = _refit(model, var, data, removed, damp)
         out.append((sorted(removed), per, err / energy if energy > 0 else 0.0))
     return out
 
 
-def _refit_error(model: nn.Module, var: Variable, data: list[Any], removed: list[int], damp: float) -> float:
-    """Summed calibration reconstruction error of removing ``removed`` and refitting."""
+def _refit(
+    model: nn.Module, var: Variable, data: list[Any], removed: list[int], damp: float
+) -> tuple[dict[str, tuple[Tensor, Tensor]], float]:
+    """Refit every consumer of ``var`` without the ``removed`` units: per consumer (kept-column
+    weights, bias change), and the summed calibration reconstruction error of the best choice."""
+    per: dict[str, tuple[Tensor, Tensor]] = {}
     err = 0.0
     for c, (_, gram, units) in zip(var.consumers, data):
         mod = model.get_submodule(c)
-        cols = sorted({i for u in removed for i in units[u]})
+        cols = _columns(units, removed)
         res = refit_columns(mod.weight, mod.bias, gram, cols, damp)
         err += min(res.error_refit, res.error_bias, res.error_removed)
-    return err
+        keep = [i for i in range(mod.weight.shape[1]) if i not in set(cols)]
+        per[c] = (res.weight[:, keep].contiguous(), res.bias_delta.float().contiguous())
+    return per, err
+
+
+def _columns(units: list[list[int]], removed: list[int]) -> list[int]:
+    """Sorted input columns owned by the ``removed`` units."""
+    return sorted({i for u in removed for i in units[u]})
+
+
+def write_level(
+    model: nn.Module,
+    graph: DependencyGraph,
+    var: Variable,
+    removed: list[int],
+    per: dict[str, tuple[Tensor, Tensor]],
+) -> None:
+    """Write a candidate's kept-column weights into ``var``'s consumers (removed columns zero);
+    the bias changes are the caller's (a hook during the search, the plan at the end)."""
+    with torch.no_grad():
+        for c, (w, _) in per.items():
+            cols = _columns(_units(graph, var, c), removed)
+            model.get_submodule(c).weight.copy_(full_weight(model, c, w, cols))
 
 
 def full_weight(model: nn.Module, consumer: str, kept: Tensor, removed_cols: list[int]) -> Tensor:
@@ -182,12 +200,9 @@ def build(
                     tensors[f"{c}|bias"] = b.detach().cpu()
                 save_file(tensors, str(level_path(directory, i, level)))
             removed, per, _ = cands[var.center]  # expectation error accumulation: the centre level
-            for c, (w, b) in per.items():
+            write_level(model, graph, var, removed, per)
+            for c, (_, b) in per.items():
                 mod = model.get_submodule(c)
-                units = _units(graph, var, c)
-                cols = sorted({x for u in removed for x in units[u]})
-                with torch.no_grad():
-                    mod.weight.copy_(full_weight(model, c, w, cols))
                 d = b.to(device=mod.weight.device, dtype=mod.weight.dtype)
                 hooks.append(mod.register_forward_hook(lambda _m, _a, y, d=d: y + d))
 
@@ -215,6 +230,18 @@ def graph_block_path(model: nn.Module, modules: list[str]) -> str:
 
         raise UnsupportedModelError("tyr needs the pruned projections inside the repeated blocks")
     return found[0]
+
+
+def teacher_topk(runner: Runner, model: nn.Module, windows: Tensor, topk: int) -> list[tuple[Tensor, Tensor]]:
+    """Per window: the dense model's top-``topk`` log-probabilities (normalised over the
+    ``topk``) and their vocabulary ids, for every position but the last."""
+    out: list[tuple[Tensor, Tensor]] = []
+    with torch.no_grad():
+        for _, logits in runner.logits(model, windows):
+            vals, idx = logits[:, :-1].float().topk(min(topk, logits.shape[-1]), dim=-1)
+            logp = torch.log_softmax(vals, dim=-1)
+            out += [(logp[r].cpu(), idx[r].to(torch.int32).cpu()) for r in range(logp.shape[0])]
+    return out
 
 
 class Evaluator:
@@ -262,12 +289,8 @@ class Evaluator:
             if self.applied[i] == level:
                 continue
             removed, per = self.load(i, level)
-            var = self.variables[i]
-            for c, (w, b) in per.items():
-                units = _units(self.graph, var, c)
-                cols = sorted({x for u in removed for x in units[u]})
-                with torch.no_grad():
-                    self.model.get_submodule(c).weight.copy_(full_weight(self.model, c, w, cols))
+            write_level(self.model, self.graph, self.variables[i], removed, per)
+            for c, (_, b) in per.items():
                 self.hooks.set(c, b)
             self.applied[i] = level
 
@@ -280,26 +303,8 @@ class Evaluator:
         self.applied = [None] * len(self.variables)
 
     # ------------------------------------------------------------------ fitness
-    def teacher(self, windows: Tensor, topk: int) -> list[tuple[Tensor, Tensor]]:
-        """Per window: the dense model's top-``topk`` log-probabilities (normalised over the
-        ``topk``) and their vocabulary ids, for every position but the last (call while dense)."""
-        cap = self.runner.capture(self.model, windows)
-        out: list[tuple[Tensor, Tensor]] = []
-        hidden = cap.hidden
-        with torch.no_grad():
-            for j in range(len(cap.blocks)):
-                hidden = [
-                    self.runner.run_block(cap.blocks[j], x, cap.extra[j][b]) for b, x in enumerate(hidden)
-                ]
-            for b, (_, ids) in enumerate(cap.batches):
-                logits = self.runner.head(self.model, cap, ids, hidden[b])[:, :-1].float()
-                vals, idx = logits.topk(min(topk, logits.shape[-1]), dim=-1)
-                logp = torch.log_softmax(vals, dim=-1)
-                out += [(logp[r].cpu(), idx[r].to(torch.int32).cpu()) for r in range(logp.shape[0])]
-        return out
-
     def tokens(self, windows: Tensor, teacher: list[tuple[Tensor, Tensor]]) -> TokenSet:
-        """Capture the block inputs of ``windows``; ``teacher`` holds their rows of :meth:`teacher`."""
+        """Capture the block inputs of ``windows``; ``teacher`` holds their rows of :func:`teacher_topk`."""
         cap = self.runner.capture(self.model, windows)
         per_batch, at = [], 0
         for _, ids in cap.batches:

@@ -129,8 +129,21 @@ def table(results: list[dict[str, Any]], args: dict[str, Any], columns: list[tup
     return "\n".join(lines)
 
 
+def portable(obj: Any) -> Any:
+    """``obj`` with absolute paths under the checkout's parent folder made relative to the
+    checkout (``/x/repo/out/a`` -> ``out/a``, ``/x/shared/data`` -> ``../shared/data``), so the
+    recorded JSON names no folder of the machine that ran it."""
+    if isinstance(obj, dict):
+        return {k: portable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [portable(v) for v in obj]
+    if isinstance(obj, str) and obj.startswith(str(REPO.parent) + os.sep):
+        return os.path.relpath(obj, REPO)
+    return obj
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.write_text(json.dumps(portable(payload), indent=1))
     tmp.replace(path)

@@ -147,7 +147,7 @@ def refit_columns(
     )
 
 
-def _consumers(
+def consumer_columns(
     model: nn.Module, graph: DependencyGraph, removals: dict[str, list[int]]
 ) -> dict[str, list[int]]:
     """Linear module -> input columns it loses under ``removals``."""
@@ -200,7 +200,7 @@ def refit_plan(
             hint="drop --refit, or run where the model fits (without --sequential / --max-memory)",
         )
     removals = resolve_removals(graph, plan)
-    targets = _consumers(model, graph, removals)
+    targets = consumer_columns(model, graph, removals)
     if not targets:
         plan.meta["refit"] = {"modules": 0}
         return plan.meta["refit"]

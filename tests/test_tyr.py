@@ -13,7 +13,7 @@ from prunecli.errors import InputError
 from prunecli.graph import build_graph
 from prunecli.methods.tyr import TyrConfig, initial_widths, variables_of
 from prunecli.methods.tyr.local import augmented, damped_inverse, greedy_path, head_scores, unit_errors
-from prunecli.methods.tyr.search import Variable, channel_ladder, cost, evolve, mutate
+from prunecli.methods.tyr.search import Variable, channel_ladder, cost, evolve, mutate, split_starts
 from prunecli.refit import refit_columns
 from tests.archs import tiny_model
 
@@ -107,6 +107,32 @@ def test_mutation_keeps_the_budget_exact():
     assert changed > 400
 
 
+def test_split_starts_move_every_attention_block_and_keep_the_budget():
+    # SmolLM2-like costs in head units: heads cost g*(r+1) (dense 12), MLP steps of 6 units
+    heads = [12, 9, 8, 6, 4, 3, 2]
+    mlp = [36, 30, 24, 18, 12, 6]
+    variables = []
+    for layer in range(4):
+        variables.append(Variable(f"h{layer}", "heads", layer, [], 12, heads, heads, 3))
+        variables.append(Variable(f"m{layer}", "channels", layer, [], 36, mlp, mlp, 3))
+    start = tuple(v.center for v in variables)
+    starts = split_starts(variables, start)
+    assert starts, "no split found"
+    for label, state in starts.items():
+        assert cost(variables, state) == cost(variables, start), label
+    dense = starts["attention 0%"]  # every head kept, every MLP one step (6 units) sparser
+    assert all(dense[i] == 0 for i in range(0, 8, 2))
+    assert all(dense[i] == 4 for i in range(1, 8, 2))
+    # +3 head units per layer: two layers' moves are paid by one 6-unit MLP step
+    quarter = starts["attention 25%"]
+    assert [quarter[i] for i in range(0, 8, 2)] == [1, 1, 1, 1]
+    assert sorted(quarter[i] for i in range(1, 8, 2)) == [3, 3, 4, 4]
+    # with an odd number of layers the last, unpaid move is undone
+    odd = split_starts(variables[:6], start[:6])["attention 25%"]
+    assert [odd[i] for i in range(0, 6, 2)] == [1, 1, 3]
+    assert cost(variables[:6], odd) == cost(variables[:6], start[:6])
+
+
 def test_evolve_is_elitist_and_finds_the_optimum_of_a_separable_fitness():
     variables = _vars()[:6]  # channels only
     target = (2, 6, 4, 4, 3, 5)  # same cost as all-4 (sum 24)
@@ -165,6 +191,28 @@ def test_tiny_search_beats_uniform_and_is_deterministic():
     assert torch.equal(l1, l2)
     assert abs(r1.achieved_sparsity - 0.5) < 0.05
     assert set(meta["per_layer_sparsity"]) == {"0", "1"}
+
+
+@pytest.mark.parametrize("search_dtype", ["float32", "model"])
+def test_final_refit_is_kept_only_when_it_lowers_the_fitness(search_dtype):
+    model = tiny_model("llama", seed=1)
+    calib = _calib(model)
+    r = prune(model, TyrConfig(sparsity=0.5, seed=3, search_dtype=search_dtype, **FAST), calib)
+    meta = r.plan.meta
+    final = meta["tyr"]["final"]
+    refit_won = final["fitness_refit"] < final["fitness_supernet"]
+    assert final["chosen"] == ("refit" if refit_won else "supernet")
+    assert meta["refit"]["by"] == ("tyr final refit" if refit_won else "tyr")
+    # the supernet assembly's fitness is the search's last best (same windows, same weights)
+    assert final["fitness_supernet"] == pytest.approx(meta["tyr"]["search"][-1]["best_fitness"][-1], rel=1e-5)
+    # the pruned model runs
+    assert torch.isfinite(model(input_ids=calib[:2]).logits).all()
+    plain = tiny_model("llama", seed=1)
+    r0 = prune(
+        plain, TyrConfig(sparsity=0.5, seed=3, search_dtype=search_dtype, final_refit=False, **FAST), calib
+    )
+    assert r0.plan.removals == r.plan.removals  # the refit changes weights, never the choice
+    assert "final" not in r0.plan.meta["tyr"] or not r0.plan.meta["tyr"]["final"]
 
 
 def test_tyr_beats_uniform_magnitude_on_reconstruction():

@@ -52,6 +52,7 @@ from prunecli.methods.tyr.search import (
     evolve,
     head_ladder,
     proxy_start,
+    split_starts,
 )
 from prunecli.methods.tyr.supernet import Evaluator, PrefixCache, TokenSet, build, teacher_topk, write_level
 from prunecli.progress import Progress, resolve
@@ -263,9 +264,19 @@ def prune_tyr(
                 }
             )
             centers = [v.costs[s] for v, s in zip(variables, best)]
-            ev.restore()
+            if it < config.iterations - 1:
+                ev.restore()
         assert evaluator is not None
-        plan = _final_plan(model, graph, variables, best, evaluator)
+        final: dict[str, Any] = {}
+        plan = None
+        if config.final_refit:
+            t3 = time.perf_counter()
+            plan, final = _final_refit(
+                model, graph, variables, best, evaluator, fixed, calib, runner, progress
+            )
+            seconds["final_refit"] = time.perf_counter() - t3
+        if plan is None:
+            plan = _final_plan(model, graph, variables, best, evaluator)
     finally:
         if evaluator is not None:
             evaluator.hooks.remove()
@@ -283,12 +294,16 @@ def prune_tyr(
         "search": history,
         "seconds": seconds,
         "supernet_dir": None if own_dir else str(root),
+        "final": final,
     }
-    plan.meta["refit"] = {
-        "by": "tyr",
-        "modules": sum(len(v.consumers) for v in variables),
-        "damp": config.damp,
-    }
+    if final.get("chosen") == "refit":
+        plan.meta["refit"] = {"by": "tyr final refit", **plan.meta["refit"]}
+    else:
+        plan.meta["refit"] = {
+            "by": "tyr",
+            "modules": sum(len(v.consumers) for v in variables),
+            "damp": config.damp,
+        }
     plan.meta["selection"] = "tyr"
     plan.meta["sparsity"] = config.sparsity
     return plan
@@ -353,9 +368,11 @@ def _search(
     centre = tuple(v.center for v in variables)
     proxy = proxy_start(variables, centre, ev.errors(), max_moves=4 * len(variables))
     starts = {"centre": ev.fitness(fixed, centre)[0]}
-    if proxy != centre:
-        starts["proxy"] = ev.fitness(fixed, proxy)[0]
-    start = proxy if starts.get("proxy", math.inf) < starts["centre"] else centre
+    candidates = {"centre": centre, "proxy": proxy, **split_starts(variables, centre)}
+    for label, state in candidates.items():
+        if label != "centre" and state != centre:
+            starts[label] = ev.fitness(fixed, state)[0]
+    start = candidates[min(starts, key=lambda k: (starts[k], k != "centre"))]
     with resolve(progress).task(f"tyr search {it + 1}/{config.iterations}", total=config.generations) as task:
         best, log = evolve(
             variables,
@@ -386,6 +403,47 @@ def _final_plan(
         for c, (_, b) in per.items():
             bias[c] = b.double().tolist()
     return Plan(removals, bias_updates=bias, fingerprint=graph.fingerprint)
+
+
+def _final_refit(
+    model: nn.Module,
+    graph: DependencyGraph,
+    variables: list[Variable],
+    state: State,
+    ev: Evaluator,
+    fixed: Any,
+    calib: Tensor,
+    runner: Runner,
+    progress: Progress | None,
+) -> tuple[Plan | None, dict[str, Any]]:
+    """Re-solve ``state``'s kept columns on its own activations; the plan when that lowers
+    the fitness on ``fixed`` (``model``'s consumers then hold the refit), else ``None``
+    (``model`` dense again, for :func:`_final_plan`)."""
+    from prunecli.engine.apply import resolve_removals
+    from prunecli.refit import consumer_columns, refit_plan
+
+    f_super = ev.fitness(fixed, state)[0]
+    plan = Plan({v.name: ev.load(i, lv)[0] for i, (v, lv) in enumerate(zip(variables, state))})
+    plan.fingerprint = graph.fingerprint
+    ev.reset()  # the search model dense (it may be ``model`` itself)
+    consumers = sorted({c for v in variables for c in v.consumers})
+    dense = {c: model.get_submodule(c).weight.detach().clone() for c in consumers}
+    refit_plan(model, graph, plan, calib, runner=runner, progress=progress)
+    weights = {}
+    for c, gone in consumer_columns(model, graph, resolve_removals(graph, plan)).items():
+        w = model.get_submodule(c).weight.detach().clone()
+        w[:, gone] = 0.0
+        weights[c] = w
+    ev.put(weights, {c: torch.tensor(b) for c, b in plan.bias_updates.items()})
+    f_refit = ev.fitness(fixed, None)[0]
+    chosen = "refit" if f_refit < f_super else "supernet"
+    out = {"fitness_supernet": f_super, "fitness_refit": f_refit, "chosen": chosen}
+    if chosen == "refit":
+        return plan, out
+    with torch.no_grad():
+        for c, w in dense.items():
+            model.get_submodule(c).weight.copy_(w)
+    return None, out
 
 
 def sparsity_series(meta: dict[str, Any]) -> dict[str, list[float]]:

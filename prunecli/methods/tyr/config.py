@@ -48,6 +48,11 @@ class TyrConfig(DataMethodConfig):
             (``bfloat16``, as the reference runs its search; ``float32``; ``model``: the model
             itself, no copy). The supernet's statistics and refits always use the model's own
             weights and dtype.
+        final_refit: after the search, re-solve the found distribution's kept columns by
+            least squares on its own activations (``--refit`` with pruned propagation: each
+            block sees the blocks before it as they will be), instead of on the supernet's
+            centre-pruned ones; kept when it lowers the fitness on the last stage's windows
+            (ours; the code assembles the supernet candidates).
         seed: seeds the children and the stage windows.
 
     Example:
@@ -73,6 +78,7 @@ class TyrConfig(DataMethodConfig):
     damp: float = 0.01
     supernet_dir: str | None = None
     search_dtype: str = "bfloat16"
+    final_refit: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -240,3 +240,57 @@ def proxy_start(
         state[i] -= 1
         state[j] = lv
     return tuple(state)
+
+
+def split_starts(variables: Sequence[Variable], start: State) -> dict[str, State]:
+    """Uniform attention/MLP splits of ``start``'s budget: one state per attention width.
+
+    For each kept fraction ``f`` that a head ladder offers, the attention variables move, in
+    layer order, to their level nearest ``f``; the parameters they gain (or free) are paid by
+    one MLP variable (the nearest layer's first) moving to a level that frees (or takes)
+    exactly that many, as soon as such a level exists: moves that one MLP step cannot pay
+    alone are paid together (SmolLM2 at 20%: two layers' +3 head units = one 6-unit MLP
+    step). Moves still unpaid at the end are undone, so every state costs what ``start``
+    costs. Our mutations can trade attention for MLP parameters one swap at a time, but a
+    split far from ``start`` (e.g. all heads kept, the MLPs pruned harder) is dozens of swaps
+    away; these states let the fitness pick the split first (ours; the code's mutations
+    trade within a kind, so its split stays the uniform one).
+
+    Example:
+        >>> v = [Variable("h", "heads", 0, [], 4, [4, 2], [4, 2], 1),
+        ...      Variable("m", "channels", 0, [], 8, [8, 6, 4, 2], [8, 6, 4, 2], 1)]
+        >>> split_starts(v, (1, 1))
+        {'attention 0%': (0, 2)}
+    """
+    heads = sorted(
+        (i for i, v in enumerate(variables) if v.kind == "heads"), key=lambda i: variables[i].layer
+    )
+    chans = [i for i, v in enumerate(variables) if v.kind == "channels"]
+    if not heads or not chans:
+        return {}
+    fractions = sorted({c / variables[i].total for i in heads for c in variables[i].costs}, reverse=True)
+    out: dict[str, State] = {}
+    for f in fractions:
+        state = list(start)
+        pending: list[tuple[int, int]] = []  # (variable, its level before the move), not yet paid
+        debt = 0  # parameters the moved attention gained (> 0) or freed (< 0) since the last payment
+        for i in heads:
+            vi = variables[i]
+            to = min(range(len(vi.costs)), key=lambda lv: (abs(vi.costs[lv] / vi.total - f), lv))
+            if to == state[i]:
+                continue
+            debt += vi.costs[to] - vi.costs[state[i]]
+            pending.append((i, state[i]))
+            state[i] = to
+            for j in sorted(chans, key=lambda j: (abs(variables[j].layer - vi.layer), variables[j].layer)):
+                vj = variables[j]
+                lv = next((k for k in range(len(vj.costs)) if vj.costs[state[j]] - vj.costs[k] == debt), None)
+                if lv is not None:
+                    state[j], debt, pending = lv, 0, []
+                    break
+        for i, before in pending:
+            state[i] = before
+        label = f"attention {round(100 * (1 - f))}%"
+        if tuple(state) != tuple(start) and tuple(state) not in out.values():
+            out[label] = tuple(state)
+    return out

@@ -294,6 +294,15 @@ class Evaluator:
                 self.hooks.set(c, b)
             self.applied[i] = level
 
+    def reset(self) -> None:
+        """Dense weights back, output changes zero (the hooks stay)."""
+        with torch.no_grad():
+            for c, w in self.original.items():
+                self.model.get_submodule(c).weight.copy_(w)
+            for d in self.hooks.deltas.values():
+                d.zero_()
+        self.applied = [None] * len(self.variables)
+
     def restore(self) -> None:
         """Dense weights back, hooks off."""
         self.hooks.remove()
@@ -313,15 +322,30 @@ class Evaluator:
             per_batch.append((torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]).long()))
         return TokenSet(cap, per_batch, int(windows.numel()))
 
+    def put(self, weights: dict[str, Tensor], deltas: dict[str, Tensor]) -> None:
+        """Write explicit full-width consumer weights and output changes (not supernet levels);
+        ``fitness(ts, None)`` then measures them, and the next state rewrites every block."""
+        with torch.no_grad():
+            for c in self.consumers:
+                mod = self.model.get_submodule(c)
+                if c in weights:
+                    mod.weight.copy_(weights[c].to(mod.weight))
+                self.hooks.set(c, deltas.get(c, torch.zeros(mod.weight.shape[0])))
+        self.applied = [None] * len(self.variables)
+
     def fitness(
-        self, ts: TokenSet, state: State, cache: PrefixCache | None = None, keep: bool = False
+        self, ts: TokenSet, state: State | None, cache: PrefixCache | None = None, keep: bool = False
     ) -> tuple[float, PrefixCache | None]:
-        """Sparse KL of ``state`` on ``ts``; with ``cache`` the blocks before the first change
-        are skipped; with ``keep`` the per-block inputs are returned as a new cache."""
-        self.set_state(state)
+        """Sparse KL of ``state`` on ``ts`` (``None``: of the weights in the model now, see
+        :meth:`put`); with ``cache`` the blocks before the first change are skipped; with
+        ``keep`` the per-block inputs are returned as a new cache."""
+        if state is not None:
+            self.set_state(state)
+        elif cache is not None or keep:
+            raise ValueError("a prefix cache needs a supernet state")
         start = 0
         hidden = ts.cap.hidden
-        if cache is not None:
+        if cache is not None and state is not None:
             diff = [self.block_of[i] for i, (a, b) in enumerate(zip(state, cache.state)) if a != b]
             start = min(diff) if diff else len(ts.cap.blocks)
             hidden = cache.inputs[start]
@@ -348,7 +372,7 @@ class Evaluator:
         value = total / max(1, count)
         if not math.isfinite(value):
             value = math.inf
-        return value, (PrefixCache(tuple(state), inputs) if keep else None)
+        return value, (PrefixCache(tuple(state), inputs) if keep and state is not None else None)
 
 
 class TokenSet:

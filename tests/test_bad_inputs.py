@@ -152,6 +152,25 @@ def test_architecture_the_engine_cannot_prune(tmp_path: Path) -> None:
     check_failure(compress(folder, tmp_path / "o"), 2, "unsupported", folder, out=tmp_path / "o")
 
 
+def test_pruned_config_that_transformers_refuses(
+    tmp_path: Path, tiny_tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Gemma 3 validates hidden_size % num_attention_heads: 3 heads of 16 in hidden 64 are refused
+    as global fields. The engine records them per layer; should it ever record them globally,
+    the run stops right after pruning (exit 1), before anything is written."""
+    from archs import tiny_model
+
+    from prunecli.engine import apply as apply_module
+
+    folder = tmp_path / "gemma3"
+    tiny_model("gemma3_text", num_key_value_heads=1).save_pretrained(folder)  # 4 heads, 1 kv head
+    tiny_tokenizer.save_pretrained(folder)
+    monkeypatch.setattr(apply_module, "_global_ok", lambda *args: True)  # the fault
+    args = ["compress", folder, "-m", "magnitude", "-s", "0.2", "-o", tmp_path / "o", "--no-speed"]
+    line = check_failure(args, 1, "refused by transformers' validation", folder, out=tmp_path / "o")
+    assert "not a multiple of the number of attention heads (3)" in line
+
+
 # ----------------------------------------------------------------------------- options
 
 

@@ -289,7 +289,10 @@ def test_resave_of_reloaded_heterogeneous_checkpoint(tmp_path):
     second = save_checkpoint(loaded, None, tmp_path / "b", provenance={})
     config = json.loads((second / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLM"]
-    assert config["auto_map"] == {"AutoModelForCausalLM": "modeling_prunecli.PruneCliLlamaForCausalLM"}
+    assert config["auto_map"] == {
+        "AutoConfig": "modeling_prunecli.PruneCliLlamaConfig",
+        "AutoModelForCausalLM": "modeling_prunecli.PruneCliLlamaForCausalLM",
+    }
     torch.testing.assert_close(logits(load_model(second).model), logits(model), atol=1e-5, rtol=0)
 
 

@@ -98,6 +98,20 @@ def test_perplexity_independent_of_batch_size(model, windows: torch.Tensor) -> N
         assert perplexity(model, windows, batch_size=batch_size) == pytest.approx(reference, rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1, 5, 7, 128])
+def test_chunked_nll_equals_whole_batch_cross_entropy(dtype: torch.dtype, chunk: int) -> None:
+    from prunecli.evaluate import next_token_nll
+
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 9, 50, generator=gen) * 3).to(dtype)
+    ids = torch.randint(0, 50, (2, 9), generator=gen)
+    whole = F.cross_entropy(logits[:, :-1].reshape(-1, 50).float(), ids[:, 1:].reshape(-1), reduction="sum")
+    got = next_token_nll(logits, ids, chunk_tokens=chunk)
+    assert got.dtype == torch.float64
+    assert math.isclose(got.item(), whole.item(), rel_tol=1e-6)
+
+
 def test_perplexity_uses_eval_mode_and_restores_flags(windows: torch.Tensor) -> None:
     noisy = tiny_llama(dropout=0.5)
     reference = perplexity(noisy, windows)

@@ -62,7 +62,7 @@ def reload_as_claimed(folder):
     import transformers
 
     config = json.loads((folder / "config.json").read_text())
-    auto = next(iter(config.get("auto_map", {"AutoModel": None})))
+    auto = next(k for k in config.get("auto_map", {"AutoModel": None}) if k != "AutoConfig")
     cls = getattr(transformers, auto if "auto_map" in config else config["architectures"][0])
     return cls.from_pretrained(folder, trust_remote_code="auto_map" in config).eval()
 

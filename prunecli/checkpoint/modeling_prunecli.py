@@ -16,16 +16,30 @@ null}, "attrs": {name: number}}``. :func:`apply_module_overrides` resizes those 
 (``nn.Linear`` widths, head counts, head sizes, extra biases) before any weight is loaded.
 
 The file is copied verbatim into such checkpoints and named in ``config.json``'s
-``auto_map``, e.g. ``"AutoModelForCausalLM": "modeling_prunecli.PruneCliLlamaForCausalLM"``,
-so that ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` works
-without prunecli installed. It imports only torch and transformers, and it is generic:
-``PruneCli<Base>`` is created on first access for any stock class ``<Base>`` whose decoder
-layers are built as ``LayerClass(config, layer_idx)`` (Llama, Mistral, Qwen2, Qwen3,
-Gemma, Gemma2, Gemma3 text, Phi-3, ...).
+``auto_map``, e.g. ``"AutoModelForCausalLM": "modeling_prunecli.PruneCliLlamaForCausalLM"``
+and ``"AutoConfig": "modeling_prunecli.PruneCliLlamaConfig"``, so that
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` works without
+prunecli installed. It imports only torch and transformers (and huggingface_hub, which
+transformers requires), and it is generic: ``PruneCli<Base>`` is created on first access for
+any stock class ``<Base>`` whose decoder layers are built as ``LayerClass(config, layer_idx)``
+(Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3 text, Phi-3, ...), and
+``PruneCli<Base>Config`` for its config class.
+
+Why a config class: a heterogeneous config refuses reads of its per-layer attributes
+(``config.num_attention_heads``) unless ``allow_global_per_layer_attribute_access`` is set,
+and then warns "Reading global config value for per-layer attribute" for each one. The stock
+validators read them (``LlamaConfig.validate_architecture``: ``hidden_size %
+num_attention_heads``; ``validate_token_ids`` reads every field). ``PruneCli<Base>Config``
+runs the same validators on the *global* values (the dense model's, which the config keeps)
+without going through the per-layer guard; the per-layer widths need no such check, since
+every layer states its ``head_dim``. The model's stock constructor likewise reads the global
+values from a homogeneous view of the config, and every layer is then rebuilt from its own
+``config.per_layer_config[i]``.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from typing import Any
@@ -151,6 +165,98 @@ class GlobalAccess:
             self.logger.setLevel(self.level)
 
 
+def global_view(config: Any) -> Any:
+    """A shallow copy of ``config`` without its per-layer record (the global values), or ``config``."""
+    if "_heterogeneity_spec" not in config.__dict__:
+        return config
+    view = copy.copy(config)
+    view.__dict__.pop("_heterogeneity_spec", None)
+    return view
+
+
+def heterogeneous_config_class(base: type | str) -> type:
+    """``PruneCli<Base>``: a config class whose validators read the global values quietly.
+
+    The stock validators of ``base`` (``validate_architecture``, ``validate_token_ids``, ...)
+    run on :func:`global_view` of a heterogeneous config: the same checks stock transformers
+    runs when ``allow_global_per_layer_attribute_access`` is set, without its warnings. A
+    homogeneous config is validated exactly as by ``base``.
+
+    Args:
+        base: a stock transformers config class, or its name (e.g. ``"LlamaConfig"``).
+    """
+    from huggingface_hub.dataclasses import strict
+
+    base_cls = getattr(transformers, base) if isinstance(base, str) else base
+    name = PREFIX + base_cls.__name__
+    if name in _CLASSES:
+        return _CLASSES[name]
+
+    def on_global_view(stock):
+        def validator(self):
+            return stock(global_view(self))
+
+        validator.__name__ = stock.__name__
+        validator.__doc__ = stock.__doc__
+        return validator
+
+    namespace: dict[str, Any] = {"__module__": __name__}
+    for attr in dir(base_cls):
+        if attr.startswith("validate_") and callable(getattr(base_cls, attr)):
+            namespace[attr] = on_global_view(getattr(base_cls, attr))
+    cls = type(name, (base_cls,), namespace)
+    cls.__qualname__ = name
+    cls = strict(accept_kwargs=True)(cls)
+    _CLASSES[name] = cls
+    _register_auto_models(cls, base_cls)
+    return cls
+
+
+# transformers' auto classes whose mapping gets ``PruneCli<Config> -> PruneCli<Model>``
+_AUTO_MODELS = ("AutoModelForCausalLM", "AutoModel", "AutoModelForSequenceClassification")
+
+
+def _register_auto_models(config_cls: type, base_config: type) -> None:
+    """Let ``AutoModel*.from_config(config)`` build ``PruneCli<Model>`` for a ``PruneCli<Config>``."""
+    model_type = getattr(base_config, "model_type", None)
+    for auto_name in _AUTO_MODELS:
+        auto = getattr(transformers, auto_name)
+        names = auto._model_mapping._model_mapping.get(model_type)
+        model_name = names if isinstance(names, str) else None
+        if model_name and isinstance(getattr(transformers, model_name, None), type):
+            auto.register(config_cls, heterogeneous_class(model_name), exist_ok=True)
+
+
+def config_class_for(model_type: str) -> type:
+    """``PruneCli<Config>`` for the stock config class of ``model_type`` (e.g. ``"llama"``)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    return heterogeneous_config_class(CONFIG_MAPPING[model_type])
+
+
+def config_from_pretrained(folder: str, **kwargs: Any) -> Any:
+    """Read ``folder/config.json``: with ``PruneCli<Config>`` when it has per-layer widths.
+
+    Args:
+        folder: a checkpoint folder.
+        **kwargs: passed to ``from_pretrained``.
+    """
+    import json
+    import os
+
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):  # transformers reports a missing or broken file its own way
+        data = {}
+    if isinstance(data, dict) and data.get("per_layer_config") and data.get("model_type") in CONFIG_MAPPING:
+        return config_class_for(data["model_type"]).from_pretrained(folder, **kwargs)
+    return AutoConfig.from_pretrained(folder, **kwargs)
+
+
 def stock_class_name(config: Any) -> str:
     """The stock transformers class a (possibly prunecli-prefixed) config was saved from.
 
@@ -182,14 +288,21 @@ def heterogeneous_class(base: type | str) -> type:
         return _CLASSES[name]
 
     def __init__(self, config, *args, **kwargs):  # noqa: N807
-        with GlobalAccess(config):
+        # The stock constructor builds every layer from the global values (a homogeneous view);
+        # post_init (at its end) puts the per-layer record back and rebuilds the layers.
+        spec = config.__dict__.pop("_heterogeneity_spec", None)
+        self.__dict__["_prunecli_spec"] = (config, spec)
+        try:
             base_cls.__init__(self, config, *args, **kwargs)
+        finally:
+            _reattach(self)
         # post_init normally rebuilt the layers already; this covers classes that skip it.
         rebuild_heterogeneous_layers_once(self)
 
     def post_init(self):
         # Called at the end of the stock __init__: rebuild before weights are initialised,
         # so the new layers get the model's own _init_weights.
+        _reattach(self)
         rebuild_heterogeneous_layers_once(self)
         base_cls.post_init(self)
 
@@ -205,6 +318,10 @@ def heterogeneous_class(base: type | str) -> type:
         "is_custom_code": classmethod(is_custom_code),
         "__module__": __name__,
     }
+    config_cls = getattr(base_cls, "config_class", None)
+    if isinstance(config_cls, type) and issubclass(config_cls, transformers.PreTrainedConfig):
+        # from_pretrained(folder) without a config reads config.json with the quiet validators
+        namespace["config_class"] = heterogeneous_config_class(config_cls)
     cls = type(name, (base_cls,), namespace)
     cls.__qualname__ = name
     _share_weight_conversions(base_cls.__name__, name)
@@ -223,13 +340,19 @@ def _share_weight_conversions(base_name: str, name: str) -> None:
         conversion_mapping.register_checkpoint_conversion_mapping(name, mapping, overwrite=True)
 
 
+def _reattach(model: torch.nn.Module) -> None:
+    """Put back the per-layer record that ``PruneCli<Base>.__init__`` detached from the config."""
+    held = model.__dict__.pop("_prunecli_spec", None)
+    if held is not None and held[1] is not None:
+        held[0].__dict__["_heterogeneity_spec"] = held[1]
+
+
 def rebuild_heterogeneous_layers_once(model: torch.nn.Module) -> None:
     """Rebuild the overridden layers and apply the module overrides, once per model."""
     if getattr(model, "_prunecli_layers_rebuilt", False):
         return
     config = model.config
-    with GlobalAccess(config):
-        rebuild_heterogeneous_layers(model, config)
+    rebuild_heterogeneous_layers(model, config)
     apply_module_overrides(model, module_overrides(config))
     model._prunecli_layers_rebuilt = True
 
@@ -276,7 +399,10 @@ def apply_module_overrides(model: torch.nn.Module, overrides: dict[str, dict[str
 
 
 def __getattr__(name: str) -> type:
-    # auto_map names PruneCli<Base>; the class is created on first access.
-    if name.startswith(PREFIX) and hasattr(transformers, name[len(PREFIX) :]):
-        return heterogeneous_class(name[len(PREFIX) :])
+    # auto_map names PruneCli<Base> and PruneCli<Base>Config; classes are created on first access.
+    base = getattr(transformers, name[len(PREFIX) :], None) if name.startswith(PREFIX) else None
+    if isinstance(base, type) and issubclass(base, transformers.PreTrainedConfig):
+        return heterogeneous_config_class(base)
+    if isinstance(base, type):
+        return heterogeneous_class(base)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

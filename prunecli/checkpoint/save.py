@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from prunecli.errors import (
+    CheckpointError,
     InputError,
     OutputExistsError,
     OutputNotWritableError,
@@ -83,6 +84,20 @@ def _provenance_json(provenance: dict[str, Any]) -> str:
             f"provenance is not JSON-serialisable: {exc}",
             hint="convert tensors and numpy values to plain lists/floats before saving",
         ) from exc
+
+
+def _check_config(model: Any) -> None:
+    """Refuse, before anything is written, a model whose config transformers would not reload."""
+    from prunecli.models.hf import config_problem
+
+    config = getattr(model, "config", None)
+    problem = config_problem(config) if config is not None else None
+    if problem:
+        raise CheckpointError(
+            f"cannot save {type(model).__name__}: transformers' validation refuses its config "
+            f"({problem}), so the checkpoint would not reload (nothing was written)",
+            hint="fix the config fields it names, or prune to widths the architecture accepts",
+        )
 
 
 def _check_shard_size(max_shard_size: int | str) -> None:
@@ -171,6 +186,10 @@ def _fix_config_json(
     }
     if remote:
         auto_map[_auto_class_for(base_name)] = f"modeling_prunecli.PruneCli{base_name}"
+        config_name = _stock_config_name(base_name)
+        if heterogeneous and config_name:
+            # validators that read the global widths without transformers' per-layer warnings
+            auto_map["AutoConfig"] = f"modeling_prunecli.PruneCli{config_name}"
     if auto_map:
         config["auto_map"] = auto_map
     else:
@@ -235,6 +254,16 @@ def _save_streamed(model: Any, weights: Any, tmp: Path, max_shard_size: int | st
         (tmp / "model.safetensors.index.json").write_text(
             json.dumps(index, indent=2) + "\n", encoding="utf-8"
         )
+
+
+def _stock_config_name(base_name: str) -> str | None:
+    """The stock config class of the transformers class ``base_name`` (``LlamaConfig``), or None."""
+    import transformers
+
+    config_cls = getattr(getattr(transformers, base_name, None), "config_class", None)
+    if isinstance(config_cls, type) and getattr(transformers, config_cls.__name__, None) is config_cls:
+        return config_cls.__name__
+    return None
 
 
 def _write(
@@ -310,13 +339,12 @@ def _reference_model(config_path: Path, base_name: str) -> Any:
     """The model that loading ``config_path``'s folder builds before weights load (meta device)."""
     import torch
     import transformers
-    from transformers import AutoConfig
 
     from prunecli.checkpoint import modeling_prunecli
     from prunecli.models.hf import quiet_transformers
 
     with quiet_transformers():
-        config = AutoConfig.from_pretrained(config_path.parent)
+        config = modeling_prunecli.config_from_pretrained(str(config_path.parent))
         remote = modeling_prunecli.per_layer_overrides(config) or modeling_prunecli.module_overrides(config)
         cls = modeling_prunecli.heterogeneous_class(base_name) if remote else getattr(transformers, base_name)
         with torch.device("meta"):
@@ -636,6 +664,7 @@ def save_checkpoint(
     inputs = (name_or_path,) if name_or_path and Path(str(name_or_path)).expanduser().exists() else ()
     out = check_output_dir(out_dir, overwrite=overwrite, inputs=inputs)
     _check_shard_size(max_shard_size)
+    _check_config(model)
     provenance_text = _provenance_json(provenance)
     recipe = provenance.get("recipe") if isinstance(provenance.get("recipe"), dict) else None
     out.parent.mkdir(parents=True, exist_ok=True)

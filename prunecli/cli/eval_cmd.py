@@ -52,7 +52,7 @@ def eval_model(
         typer.Option(
             "--tasks",
             help="lm-evaluation-harness task NAMES, comma-separated (e.g. hellaswag,arc_easy); needs "
-            "prunecli[eval]. The loaded model object is evaluated, so per-layer checkpoints need no remote "
+            "prunecli\\[eval]. The loaded model object is evaluated, so per-layer checkpoints need no remote "
             "code. (A labelled .jsonl file of your own is --task FILE.)",
             metavar="NAMES",
             show_default=False,

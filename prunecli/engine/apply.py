@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from prunecli.calibrate.offload import has_meta_tensors
+from prunecli.engine.layers import check_config
 from prunecli.engine.plan import Plan
 from prunecli.errors import PlanError, PrunedModelError, UnsupportedModelError
 from prunecli.graph import DependencyGraph, Group, build_graph, model_fingerprint
@@ -419,6 +420,7 @@ def apply_plan(
     for layer, w in _update_experts(model, graph, removals, spec).items():
         layers.setdefault(layer, {}).update(w)
     _update_config(model, dict(sorted(layers.items())), spec)
+    check_config(model)
     if not offloaded:
         _check_probe(model, graph, shapes_before)
     summary = PruneSummary(

@@ -57,5 +57,34 @@ def drop_layers(model: nn.Module, layers: Sequence[int]) -> list[int]:
     if raw:
         raw = {int(k): v for k, v in raw.items()}
         config.per_layer_config = {new_i: dict(raw[i]) for new_i, i in enumerate(keep) if raw.get(i)}
+    for key in ("layer_types", "mlp_layer_types"):
+        # one entry per layer (Gemma 2/3, Qwen 2/3: sliding or full attention); the config
+        # validator refuses a list whose length is not num_hidden_layers
+        types = config.__dict__.get(key)
+        if isinstance(types, (list, tuple)) and len(types) == n:
+            setattr(config, key, [types[i] for i in keep])
     config.num_hidden_layers = len(keep)
+    check_config(model)
     return keep
+
+
+def check_config(model: nn.Module) -> None:
+    """Refuse a pruned model whose config transformers' own validation rejects.
+
+    A checkpoint with such a config would not reload (``from_pretrained`` validates it), so
+    this runs right after the model is changed, before recovery, evaluation or saving.
+
+    Raises:
+        PrunedModelError: the config is refused (the model was modified in place).
+    """
+    from prunecli.errors import PrunedModelError
+    from prunecli.models.hf import config_problem
+
+    config = getattr(model, "config", None)
+    problem = config_problem(config) if config is not None else None
+    if problem:
+        raise PrunedModelError(
+            f"the pruned model's config is refused by transformers' validation ({problem}); "
+            "the model was modified in place and must be reloaded",
+            hint="report this with `prunecli graph MODEL --all`: a constraint of this model is not modelled",
+        )

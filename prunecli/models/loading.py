@@ -374,7 +374,7 @@ def _load_offloaded(
                 hint="load it whole (drop --sequential / --max-memory)",
             ) from exc
         tokenizer = (
-            _load_tokenizer(str(folder), trust_remote_code=trust_remote_code)
+            _load_tokenizer(str(folder), trust_remote_code=trust_remote_code, config=config)
             if has_tokenizer(folder)
             else None
         )
@@ -435,7 +435,11 @@ def _load_folder(
         strict=strict,
         hub=False,
     )
-    tokenizer = _load_tokenizer(label, trust_remote_code=trust_remote_code) if has_tokenizer(folder) else None
+    tokenizer = (
+        _load_tokenizer(label, trust_remote_code=trust_remote_code, config=config)
+        if has_tokenizer(folder)
+        else None
+    )
     return model, tokenizer
 
 
@@ -482,7 +486,9 @@ def _load_hub(
         spec=spec,
     )
     try:
-        tokenizer = _load_tokenizer(repo_id, trust_remote_code=trust_remote_code, local_files_only=local_only)
+        tokenizer = _load_tokenizer(
+            repo_id, trust_remote_code=trust_remote_code, local_files_only=local_only, config=config
+        )
     except CheckpointError:
         tokenizer = None  # a hub repo without tokenizer files (an encoder head, say)
     return model, tokenizer
@@ -547,6 +553,11 @@ def _load_config(
 
     label = source if hub else str(Path(source) / "config.json")
     try:
+        if not hub and not trust_remote_code:
+            # per-layer widths: prunecli's config class (no per-layer warnings from the validators)
+            from prunecli.checkpoint.modeling_prunecli import config_from_pretrained
+
+            return config_from_pretrained(source)
         return AutoConfig.from_pretrained(
             source, trust_remote_code=trust_remote_code, local_files_only=local_files_only
         )
@@ -679,12 +690,17 @@ def _from_pretrained(
     return model
 
 
-def _load_tokenizer(source: str, *, trust_remote_code: bool, local_files_only: bool = False) -> Any:
+def _load_tokenizer(
+    source: str, *, trust_remote_code: bool, local_files_only: bool = False, config: Any = None
+) -> Any:
     from transformers import AutoTokenizer
 
+    # The model's config, already read: AutoTokenizer would read config.json again with the
+    # stock config class (which warns about per-layer widths).
+    extra = {"config": config} if config is not None else {}
     try:
         return AutoTokenizer.from_pretrained(
-            source, trust_remote_code=trust_remote_code, local_files_only=local_files_only
+            source, trust_remote_code=trust_remote_code, local_files_only=local_files_only, **extra
         )
     except ImportError as exc:
         raise DependencyMissingError(

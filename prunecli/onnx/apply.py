@@ -416,11 +416,7 @@ def _add_bias(model: Any, graph: OnnxGraph, module: str, delta: np.ndarray, fres
     out_name = node.output[0]
     new_out = fresh.name(f"{node.name}_out")
     bias = fresh.const(delta.astype(np.float32), f"{module}.bias_compensation")
-    node.output[0] = new_out
-    for n in g.node:
-        for k, i in enumerate(n.input):
-            if i == out_name:
-                n.input[k] = new_out
+    node.output[0] = new_out  # the Add takes over the old output name: consumers stay as they are
     add = helper.make_node("Add", [new_out, bias], [out_name], name=f"{node.name}_bias_compensation")
     idx = list(g.node).index(node)
     g.node.insert(idx + 1, add)

@@ -187,8 +187,14 @@ def test_groups_match_the_torch_graph(exported) -> None:
             else build_graph(torch_model)
         )
         want = {(g.name, g.kind, g.num_units) for g in tg.prunable()}
-        got = {(g.name.removeprefix("m."), g.kind, g.num_units) for g in graph.prunable()}
+        got = {(g.name, g.kind, g.num_units) for g in graph.prunable()}
         assert got == want, arch
+        sites = [
+            (a.module, a.heads, a.kv_heads, a.num_heads, a.num_kv_heads, a.head_dim) for a in graph.attention
+        ]
+        assert sites == [
+            (a.module, a.heads, a.kv_heads, a.num_heads, a.num_kv_heads, a.head_dim) for a in tg.attention
+        ]
     llama = exported["llama"][1]
     assert [(a.num_heads, a.num_kv_heads, a.head_dim) for a in llama.attention] == [(4, 2, 16)] * 2
     assert all(llama.groups[a.kv_heads].kind == "kv_heads" for a in llama.attention)
@@ -274,10 +280,9 @@ def test_data_methods_match_torch(exported, method: str) -> None:
     tgraph = build_graph(tmodel)
     config = prunecli.FlapConfig(sparsity=0.3) if method == "flap" else prunecli.WandaSpConfig(sparsity=0.3)
     tplan = prunecli.prune(tmodel, config, calib, graph=tgraph).plan  # tmodel is pruned in place
-    onnx_removals = {k.removeprefix("m."): v for k, v in report["plan"]["removals"].items()}
-    assert onnx_removals == tplan.removals and tplan.removals
+    assert report["plan"]["removals"] == tplan.removals and tplan.removals
     if method == "flap":
-        got = {k.removeprefix("m."): np.array(v) for k, v in report["plan"]["bias_updates"].items()}
+        got = {k: np.array(v) for k, v in report["plan"]["bias_updates"].items()}
         assert set(got) == set(tplan.bias_updates)
         for k, v in tplan.bias_updates.items():
             assert np.allclose(got[k], v, atol=1e-6)

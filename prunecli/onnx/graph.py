@@ -333,7 +333,7 @@ def build_onnx_graph(model: Any, feed: dict[str, np.ndarray] | None = None) -> O
     inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
     real.update(inits)
 
-    params, module_of_init = _name_params(model, inits)
+    params, module_of_init, prefix = _name_params(model, inits)
     tr = _OnnxTracer()
     refs: dict[str, ParamRef] = {}
     for init_name, (pname, info) in params.items():
@@ -378,6 +378,8 @@ def build_onnx_graph(model: Any, feed: dict[str, np.ndarray] | None = None) -> O
     dep = _groups_from_table(None, table, onnx_fingerprint(model), naming)
     _check_heads(dep.groups, dep.attention)
     _dedupe_sites(dep)
+    for a in dep.attention:
+        a.module = a.module.removeprefix(prefix + ".") if prefix else a.module
     graph = OnnxGraph(dep.groups, dep.attention, dep.fingerprint, dep.unknown_ops)
     graph.params = {pname: info for pname, info in params.values()}
     graph.observe_sites = observe
@@ -489,7 +491,16 @@ def _name_params(
                 pname = f"{module}.{_clean(name).replace('.', '_')}"
         used.add(pname)
         out[name] = (pname, OnnxParam(name, transposed))
-    return out, module_of
+    # an export wrapper's attribute (``m.``, ``inner.``) in front of every name goes, so that
+    # names (and plans) read as the PyTorch model's
+    firsts = {p.split(".", 1)[0] for p, _ in out.values()}
+    prefix = next(iter(firsts)) if len(firsts) == 1 else ""
+    if prefix and len(out) > 1 and all(p.count(".") >= 2 for p, _ in out.values()):
+        out = {k: (p[len(prefix) + 1 :], info) for k, (p, info) in out.items()}
+        module_of = {k: v.removeprefix(prefix + ".") for k, v in module_of.items()}
+    else:
+        prefix = ""
+    return out, module_of, prefix
 
 
 def _attr(node: Any, name: str, default: Any) -> Any:

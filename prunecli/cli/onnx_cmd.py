@@ -64,6 +64,8 @@ def compress_onnx_cli(given: dict[str, Any], on_command_line: set[str], out: Out
             options=options,
             progress=progress,
         )
+    for message in report.get("warnings", []):
+        out.warn(message)
     out.result(report, lambda console: render_onnx_report(console, report), quiet_line=report.get("output"))
     return report
 

@@ -19,6 +19,7 @@ import dataclasses
 import inspect
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,7 @@ def compress_onnx(
     Returns:
         The report: ``model``, ``format`` (``"onnx"``), ``method``, ``config``, ``plan``,
         ``params`` (before/after/removed/sparsity), ``groups``, ``opset``, ``output``,
-        ``verify``, ``seconds``.
+        ``verify``, ``warnings`` (what the method warned about), ``seconds``.
 
     Raises:
         InputError: not an ONNX file, a corrupt file, an invalid sparsity or option.
@@ -168,7 +169,9 @@ def compress_onnx(
     kwargs: dict[str, Any] = {"progress": progress}
     if "runner" in inspect.signature(fn).parameters:  # data-free methods without it read no weights
         kwargs["runner"] = runner
-    plan = fn(view, graph, config, samples, **kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = fn(view, graph, config, samples, **kwargs)
     pruned, summary = apply_plan_onnx(proto, graph, plan)
     report: dict[str, Any] = {
         "model": str(model),
@@ -189,6 +192,7 @@ def compress_onnx(
         "calibration": {"samples": int(samples.shape[0]) if samples is not None else 0},
         "verify": {"check": "onnxruntime", "runs": True, "output_shapes_kept": True},
         "output": None,
+        "warnings": list(dict.fromkeys(str(w.message) for w in caught)),
     }
     if out is not None:
         import onnx

@@ -168,17 +168,15 @@ def apply_plan_onnx(
         if op in ("Reshape", "Expand") and len(node.input) > 1:
             broadcast: set[int] = set()
             if op == "Expand":
-                rank_out = np.ndim(state.real[node.output[0]])
-                in_shape = (1,) * (rank_out - np.ndim(state.real[node.input[0]])) + np.shape(
-                    state.real[node.input[0]]
-                )
-                out_shape = np.shape(state.real[node.output[0]])
+                out_shape = state.shapes[node.output[0]]
+                rank_out = len(out_shape)
+                in_shape = (1,) * (rank_out - len(state.shapes[node.input[0]])) + state.shapes[node.input[0]]
                 broadcast = {k for k in range(rank_out) if in_shape[k] == 1 and out_shape[k] > 1}
             sizes = new_sizes(node.output[0], broadcast)
             if sizes is None or sizes[0] == sizes[1]:
                 continue
             changed = {k: n for k, (o, n) in enumerate(zip(*sizes)) if o != n}
-            _rewrite_shape(node, 1, changed, producers, state.real, fresh, g)
+            _rewrite_shape(node, 1, changed, producers, state.shapes, fresh, g)
             rewritten.append(node.name)
         elif op == "Slice":
             ids = state.value_ids.get(node.input[0])
@@ -193,7 +191,7 @@ def apply_plan_onnx(
                 continue
             axis = int(_attr(node, "axis", 0)) % ids.dim()
             kept = _kept_along(_gone(ids.numpy(), roots, removed), axis)
-            old = [int(np.shape(state.real[o])[axis]) for o in node.output]
+            old = [state.shapes[o][axis] for o in node.output]
             bounds = np.cumsum([0] + old)
             new = [int(kept[bounds[j] : bounds[j + 1]].sum()) for j in range(len(old))]
             if new != old:
@@ -279,7 +277,7 @@ def _rewrite_shape(
     index: int,
     changed: dict[int, int],
     producers: dict[str, Any],
-    real: dict[str, np.ndarray],
+    shapes: dict[str, tuple[int, ...]],
     fresh: _Fresh,
     g: Any,
 ) -> None:
@@ -299,7 +297,7 @@ def _rewrite_shape(
         pieces = list(p.input)
         offset = 0
         for j, piece in enumerate(p.input):
-            length = int(np.size(real[piece]))
+            length = int(np.prod(shapes[piece]))
             mine = {k - offset: n for k, n in changed.items() if offset <= k < offset + length}
             if mine:
                 plit = _literal(piece, producers, g)
@@ -431,7 +429,7 @@ def _check_runs(original: Any, pruned: Any, graph: OnnxGraph) -> None:
         feed = graph.example_inputs[0] if graph.example_inputs else {}
         got = _session(pruned).run(None, feed)
         # the trace ran the original on the same inputs
-        want_shapes = [tuple(np.shape(graph._trace.real[o.name])) for o in original.graph.output]
+        want_shapes = [graph._trace.shapes[o.name] for o in original.graph.output]
     except Exception as e:  # noqa: BLE001 - checker and onnxruntime raise many types
         first = " ".join(str(e).split())[:300]
         raise UnsupportedModelError(f"the pruned ONNX model does not run: {first}") from None

@@ -135,6 +135,7 @@ class OnnxGraph(DependencyGraph):
     observe_sites: dict[str, tuple[str, int]]
     module_nodes: dict[str, str]
     inputs: list[tuple[str, Any, tuple[int, ...]]]
+    _trace: _TraceState
 
 
 def load_onnx(path: str | os.PathLike[str]) -> Any:
@@ -207,8 +208,6 @@ def example_feed(model: Any, batch: int = 1, seq: int = 6, seed: int = 0) -> dic
 
 def _vocab_bound(model: Any) -> int:
     """Upper bound for example token ids: the rows of the smallest Gather table fed by an input."""
-    from onnx import numpy_helper  # noqa: F401 - dims only
-
     inputs = {i.name for i in graph_inputs(model)}
     inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
     bound = 1000
@@ -280,7 +279,26 @@ def _clean(name: str) -> str:
     return ".".join(parts) or "node"
 
 
-def _is_float_init(arr: np.ndarray) -> bool:
+_SMALL = 4096  # initializers and values up to this size are kept as arrays
+
+
+@dataclasses.dataclass
+class _Shaped:
+    """A large initializer seen only through its shape and dtype (its data stays in the proto)."""
+
+    shape: tuple[int, ...]
+    dtype: Any
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+def _is_float_init(arr: Any) -> bool:
     return np.issubdtype(arr.dtype, np.floating) and arr.ndim > 0 and arr.size > 1
 
 
@@ -316,7 +334,7 @@ def build_onnx_graph(model: Any, feed: dict[str, np.ndarray] | None = None) -> O
         >>> [g.name for g in graph.prunable()][:1]             # doctest: +SKIP
         ['model.layers.0.mlp:channels']
     """
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
     feed = feed if feed is not None else example_feed(model)
     g = model.graph
@@ -328,9 +346,15 @@ def build_onnx_graph(model: Any, feed: dict[str, np.ndarray] | None = None) -> O
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types
         first = " ".join(str(e).split())[:200]
         raise UnsupportedModelError(f"onnxruntime cannot run this model: {first}") from None
-    real: dict[str, np.ndarray] = dict(zip(out_names, real_list))
+    real: dict[str, Any] = dict(zip(out_names, real_list))
     real.update(feed)
-    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    # weights are only needed for their shapes; small initializers (shape operands) are read
+    inits: dict[str, Any] = {
+        i.name: numpy_helper.to_array(i)
+        if math.prod(i.dims) <= _SMALL
+        else _Shaped(tuple(i.dims), helper.tensor_dtype_to_np_dtype(i.data_type))
+        for i in g.initializer
+    }
     real.update(inits)
 
     params, module_of_init, prefix = _name_params(model, inits)
@@ -350,17 +374,16 @@ def build_onnx_graph(model: Any, feed: dict[str, np.ndarray] | None = None) -> O
     opset = {o.domain or "": o.version for o in model.opset_import}.get("", 13)
     for node in g.node:
         tr.current_module = _scope(node)
-        ins = [ids.get(i) if i else None for i in node.input]
-        for i, name in zip(ins, node.input):
-            if i is None and name and name in real:
-                ids[name] = _none_like(np.shape(real[name]))
+        for name in node.input:
+            if name and name not in ids and name in real:
+                ids[name] = _none_like(np.shape(real[name]))  # a constant or a non-channel input
         rin = [real.get(i) if i else None for i in node.input]
         rout = [real.get(o) if o else None for o in node.output]
         iin = [ids.get(i) if i else None for i in node.input]
         if any(r is None for r, o in zip(rout, node.output) if o):
             outs = _unknown(tr, node, iin, rout)
         else:
-            outs = _propagate(tr, node, rin, iin, rout, opset, params, observe, module_nodes)
+            outs = _propagate(tr, node, rin, iin, rout, opset, observe, module_nodes)
         for o, v in zip(node.output, outs):
             if o:
                 ids[o] = v
@@ -386,7 +409,13 @@ def build_onnx_graph(model: Any, feed: dict[str, np.ndarray] | None = None) -> O
     graph.module_nodes = module_nodes
     graph.inputs = [(k, v.dtype, tuple(v.shape)) for k, v in feed.items()]
     graph.example_inputs = (feed,)
-    graph._trace = _TraceState(tr, {k: v for k, v in ids.items() if _is_ids(v)}, real, module_of_init)
+    graph._trace = _TraceState(
+        tr,
+        {k: v for k, v in ids.items() if _is_ids(v)},
+        {k: v for k, v in real.items() if np.size(v) <= _SMALL and isinstance(v, np.ndarray)},
+        {k: tuple(int(d) for d in np.shape(v)) for k, v in real.items()},
+        module_of_init,
+    )
     return graph
 
 
@@ -396,7 +425,8 @@ class _TraceState:
 
     tracer: _OnnxTracer
     value_ids: dict[str, Tensor]  # value name -> raw id tensor
-    real: dict[str, np.ndarray]  # real values (shape tensors and slice bounds are read here)
+    real: dict[str, np.ndarray]  # small real values (shape operands, slice bounds)
+    shapes: dict[str, tuple[int, ...]]  # the shape of every value
     module_of_init: dict[str, str]
 
     def roots(self) -> np.ndarray:
@@ -544,7 +574,6 @@ def _propagate(
     iin: list[Any],
     rout: list[Any],
     opset: int,
-    params: dict[str, tuple[str, OnnxParam]],
     observe: dict[str, tuple[str, int]],
     module_nodes: dict[str, str],
 ) -> list[Any]:

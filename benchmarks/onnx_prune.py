@@ -124,13 +124,13 @@ def main() -> None:
         )
         print(rows[-1], flush=True)
     columns = [
-        ("row", "method", "{}"),
-        ("params_onnx", "ONNX initializer scalars", "{:,}"),
-        ("params_torch", "PyTorch parameters", "{:,}"),
-        ("ppl_onnx", "ppl (onnxruntime)", "{:.2f}"),
-        ("ppl_torch", "ppl (PyTorch path)", "{:.2f}"),
-        ("same_plan", "same units", "{}"),
-        ("seconds", "seconds (ONNX path)", "{:.1f}"),
+        ("row", "method", ""),
+        ("params_onnx", "ONNX initializer scalars", ","),
+        ("params_torch", "PyTorch parameters", ","),
+        ("ppl_onnx", "ppl (onnxruntime)", ".2f"),
+        ("ppl_torch", "ppl (PyTorch path)", ".2f"),
+        ("same_plan", "same units", ""),
+        ("seconds", "seconds (ONNX path)", ".1f"),
     ]
     settings = vars(args) | {"outdir": str(args.outdir), "json": str(args.json)}
     print(table(rows, settings, columns))

@@ -292,6 +292,19 @@ def test_data_methods_match_torch(exported, method: str) -> None:
         assert np.abs(_run(pruned, {"x": ids.numpy()}) - want).max() <= 1e-4
 
 
+def test_image_model_calibrates_on_random_inputs(exported) -> None:
+    """A floating-point input (ViT) calibrates on seeded normal samples when no data is given,
+    and the same seed gives the same plan."""
+    from prunecli.onnx.compress import compress_onnx
+
+    path = exported["vit"][3]
+    a = compress_onnx(path, "wanda-sp", 0.3, options={"nsamples": 4})
+    b = compress_onnx(path, "wanda-sp", 0.3, options={"nsamples": 4})
+    assert a["calibration"]["samples"] == 4 and a["params"]["removed"] > 0
+    assert a["plan"]["removals"] == b["plan"]["removals"]
+    assert any(k.endswith(":heads") for k in a["plan"]["removals"])
+
+
 def test_pruned_propagation_refused(exported) -> None:
     from prunecli.errors import UnsupportedModelError
     from prunecli.onnx.compress import compress_onnx

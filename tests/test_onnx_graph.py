@@ -358,6 +358,10 @@ def test_cli_graph_and_compress(exported, tmp_path) -> None:
         (["compress", "{good}", "-m", "cfsp", "-s", "0.3"], "not supported on ONNX"),
         (["compress", "{good}", "-m", "magnitude", "-s", "1.5"], "sparsity"),
         (["compress", "{good}", "-m", "wanda-sp", "-s", "0.3"], "needs calibration token ids"),
+        (
+            ["compress", "{good}", "-m", "magnitude", "-s", "0.3", "--no-verify"],
+            "--no-verify is not supported",
+        ),
     ],
 )
 def test_cli_bad_input(exported, tmp_path, args: list[str], message: str) -> None:

@@ -12,6 +12,7 @@ from prunecli.cli.output import Output, library_bars_off
 from prunecli.errors import InputError
 
 #: compress options that mean something for an ONNX file
+_FLAGS = {"verify": "no-verify", "speed": "no-speed"}
 ONNX_OPTIONS = {
     "model",
     "method",
@@ -41,7 +42,7 @@ def compress_onnx_cli(given: dict[str, Any], on_command_line: set[str], out: Out
     other = sorted(on_command_line - ONNX_OPTIONS)
     if other:
         raise InputError(
-            f"--{other[0].replace('_', '-')} is not supported for ONNX models",
+            f"--{_FLAGS.get(other[0], other[0]).replace('_', '-')} is not supported for ONNX models",
             hint="ONNX compress takes --method, --sparsity, --calib FILE.npy, -o FILE.onnx, --seed, --round-to, "
             "--ignore, --set",
         )

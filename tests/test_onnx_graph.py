@@ -69,7 +69,9 @@ def helper_mlp(seed: int = 0):
     a = Relu(Gemm(h0, W1^T, b1)); b = Sigmoid(h0 W2); c = Concat(a, b)   (20 + 10 channels)
     h1 = h0 + c W3
     d = Tanh(h1 W4 + b4); d1, d2 = Split(d, [8, 8]); e = d1 * d2          (8 paired channels)
-    h2 = h1 + e W5; y = h2 Wout
+    h2 = h1 + e W5
+    f = h2 W6; g = Relu(f[:, 0:6]) + Sigmoid(f[:, 6:12])                   (6 paired channels, Slice)
+    h3 = h2 + g W7; y = h3 Wout
     """
     rng = np.random.default_rng(seed)
 
@@ -88,6 +90,12 @@ def helper_mlp(seed: int = 0):
         w("fc5.weight", 8, 12),
         w("out.weight", 12, 5),
         numpy_helper.from_array(np.array([8, 8], dtype=np.int64), "split_sizes"),
+        w("fc6.weight", 12, 12),
+        w("fc7.weight", 6, 12),
+        numpy_helper.from_array(np.array([0], dtype=np.int64), "s0"),
+        numpy_helper.from_array(np.array([6], dtype=np.int64), "s6"),
+        numpy_helper.from_array(np.array([12], dtype=np.int64), "s12"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "ax1"),
     ]
     nodes = [
         helper.make_node("MatMul", ["x", "inp.weight"], ["t0"], name="inp"),
@@ -106,7 +114,15 @@ def helper_mlp(seed: int = 0):
         helper.make_node("Mul", ["d1", "d2"], ["e"], name="gate"),
         helper.make_node("MatMul", ["e", "fc5.weight"], ["t6"], name="fc5"),
         helper.make_node("Add", ["h1", "t6"], ["h2"], name="res2"),
-        helper.make_node("MatMul", ["h2", "out.weight"], ["y"], name="out"),
+        helper.make_node("MatMul", ["h2", "fc6.weight"], ["f"], name="fc6"),
+        helper.make_node("Slice", ["f", "s0", "s6", "ax1"], ["f1"], name="slice_lo"),
+        helper.make_node("Slice", ["f", "s6", "s12", "ax1"], ["f2"], name="slice_hi"),
+        helper.make_node("Relu", ["f1"], ["g1"], name="relu2"),
+        helper.make_node("Sigmoid", ["f2"], ["g2"], name="sigmoid2"),
+        helper.make_node("Add", ["g1", "g2"], ["g"], name="sum"),
+        helper.make_node("MatMul", ["g", "fc7.weight"], ["t7"], name="fc7"),
+        helper.make_node("Add", ["h2", "t7"], ["h3"], name="res3"),
+        helper.make_node("MatMul", ["h3", "out.weight"], ["y"], name="out"),
     ]
     graph = helper.make_graph(
         nodes,
@@ -203,8 +219,15 @@ def test_groups_match_the_torch_graph(exported) -> None:
 def test_helper_model_groups(exported) -> None:
     graph = exported["helper"][1]
     units = {g.name: g.num_units for g in graph.prunable()}
-    # the residual stream (no norm couples it), the concat's two halves, the split's pairs
-    assert units == {"inp:channels": 12, "fc1:channels": 20, "fc2:channels": 10, "fc4:channels": 8}
+    # the residual stream (no norm couples it), the concat's two halves, the split's and the
+    # slices' pairs
+    assert units == {
+        "inp:channels": 12,
+        "fc1:channels": 20,
+        "fc2:channels": 10,
+        "fc4:channels": 8,
+        "fc6:channels": 6,
+    }
     pairs = graph.groups["fc4:channels"]
     w4 = next(m for m in pairs.members if m.param == "fc4.weight")
     assert w4.dim == 0 and w4.index[0] == [0, 8]  # torch orientation: [out, in], out c pairs with c + 8
@@ -225,6 +248,8 @@ def test_zero_then_remove_equal(exported, arch: str) -> None:
         assert a.shape == b.shape
         assert np.abs(a - b).max() <= 1e-5, arch
         assert summary.params_after < summary.params_before
+        if arch == "helper":  # the Split sizes and both Slices' bounds were rewritten
+            assert {"split", "slice_lo", "slice_hi"} <= set(summary.rewritten_nodes)
         assert {o.domain: o.version for o in pruned.opset_import} == {
             o.domain: o.version for o in model.opset_import
         }
@@ -326,7 +351,7 @@ def test_cli_graph_and_compress(exported, tmp_path) -> None:
     res = runner.invoke(app, ["graph", str(path), "--json"])
     assert res.exit_code == 0, res.output
     names = {g["name"] for g in json.loads(res.stdout)}
-    assert names == {"inp:channels", "fc1:channels", "fc2:channels", "fc4:channels"}
+    assert names == {"inp:channels", "fc1:channels", "fc2:channels", "fc4:channels", "fc6:channels"}
 
     out = tmp_path / "pruned.onnx"
     res = runner.invoke(

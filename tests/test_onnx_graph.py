@@ -401,3 +401,18 @@ def test_cli_bad_input(exported, tmp_path, args: list[str], message: str) -> Non
     assert res.exit_code == 2
     lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and message in lines[0]
+
+
+def test_external_data_model(tmp_path) -> None:
+    """A model whose weights live in an external-data file is read and pruned like any other."""
+    from prunecli.onnx.compress import compress_onnx
+
+    path = tmp_path / "ext.onnx"
+    onnx.save(helper_mlp(), str(path), save_as_external_data=True, location="ext.data", size_threshold=0)
+    assert (tmp_path / "ext.data").stat().st_size > 0
+    out = tmp_path / "small.onnx"
+    report = compress_onnx(path, "random", 0.3, output=out)
+    pruned = onnx.load(str(out))
+    assert count_initializer_params(pruned) == report["params"]["after"] < report["params"]["before"]
+    x = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
+    assert _run(pruned, {"x": x}).shape == (2, 5)

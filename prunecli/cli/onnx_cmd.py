@@ -79,10 +79,12 @@ def render_onnx_report(console: Console, report: dict[str, Any]) -> None:
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     table.add_row("parameters", f"{p['before']:,}", f"{p['after']:,}")
+    if p["blocks_before"]:
+        table.add_row("attention + MLP blocks", f"{p['blocks_before']:,}", f"{p['blocks_after']:,}")
     console.print(table)
     console.print(
-        f"removed {p['removed']:,} parameters ({p['sparsity']:.1%}) from "
-        f"{len(report['removed_units'])} groups; onnxruntime runs the result",
+        f"removed {p['removed']:,} parameters ({report['sparsity']['model']:.1%} of the model) from "
+        f"{report['plan']['groups_pruned']} groups; onnxruntime runs the result",
         markup=False,
         highlight=False,
     )

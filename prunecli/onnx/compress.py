@@ -128,9 +128,11 @@ def compress_onnx(
         progress: progress reporter.
 
     Returns:
-        The report: ``model``, ``format`` (``"onnx"``), ``method``, ``config``, ``plan``,
-        ``params`` (before/after/removed/sparsity), ``groups``, ``opset``, ``output``,
-        ``verify``, ``warnings`` (what the method warned about), ``seconds``.
+        The report, with the keys of :class:`prunecli.pipeline.Report` that apply (``model``,
+        ``source``, ``kind`` = ``"onnx"``, ``method``, ``config``, ``calibration``, ``params``
+        with ``blocks_before``/``blocks_after``, ``sparsity``, ``seconds``, ``output``,
+        ``verify``, ``plan`` with ``groups_pruned``/``units_removed``, ``summary``,
+        ``warnings``) plus ``graph`` (group counts, unknown ops), ``opset`` and ``bytes``.
 
     Raises:
         InputError: not an ONNX file, a corrupt file, an invalid sparsity or option.
@@ -142,13 +144,23 @@ def compress_onnx(
         True
     """
     from prunecli.config import get_method
+    from prunecli.engine.apply import block_params
     from prunecli.export._files import atomic_output, check_output_file
     from prunecli.onnx.apply import apply_plan_onnx
     from prunecli.onnx.graph import build_onnx_graph, load_onnx
     from prunecli.onnx.runner import OnnxRunner, torch_view
+    from prunecli.pipeline import _sparsity_section
     from prunecli.progress import resolve
 
-    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+    started = clock = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[step] = now - clock
+        clock = now
+
     if Path(model).suffix.lower() != ".onnx":
         raise InputError(f"not an ONNX file (expected a .onnx path): {model}")
     config = onnx_config(method, sparsity, **(options or {}))
@@ -163,6 +175,7 @@ def compress_onnx(
         raise UnsupportedModelError(
             "no prunable groups in this ONNX model", hint="see `prunecli graph MODEL --all`"
         )
+    lap("graph")
     samples = load_calib(calib, proto, config)
     view = torch_view(proto, graph)
     runner = OnnxRunner(onnx_model=proto, graph=graph)
@@ -172,27 +185,45 @@ def compress_onnx(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         plan = fn(view, graph, config, samples, **kwargs)
+    lap("prune")
     pruned, summary = apply_plan_onnx(proto, graph, plan)
+    lap("apply")
+    blocks_before = block_params(view, graph, include_locked=True)
+    blocks_after = (
+        block_params(torch_view(pruned, graph), graph, include_locked=True) if blocks_before else None
+    )
+    params = {
+        "before": summary.params_before,
+        "after": summary.params_after,
+        "removed": summary.params_before - summary.params_after,
+        # as for PyTorch models: sparsity is a share of every attention + MLP block
+        "blocks_before": blocks_before,
+        "blocks_after": blocks_after,
+    }
+    plan_dict = plan.to_dict()
+    plan_dict["groups_pruned"] = len(plan.removals)
+    plan_dict["units_removed"] = sum(len(u) for u in plan.removals.values())
     report: dict[str, Any] = {
         "model": str(model),
-        "format": "onnx",
+        "source": str(Path(model).absolute()),
+        "kind": "onnx",
         "method": config.method,
-        "config": config.to_dict() if hasattr(config, "to_dict") else dataclasses.asdict(config),
-        "plan": plan.to_dict(),
-        "params": {
-            "before": summary.params_before,
-            "after": summary.params_after,
-            "removed": summary.params_before - summary.params_after,
-            "sparsity": summary.model_sparsity,
-        },
-        "groups": {"total": len(graph.groups), "prunable": len(graph.prunable())},
-        "removed_units": summary.removed_units,
-        "rewritten_nodes": len(summary.rewritten_nodes),
-        "opset": {o.domain or "ai.onnx": o.version for o in pruned.opset_import},
-        "calibration": {"samples": int(samples.shape[0]) if samples is not None else 0},
-        "verify": {"check": "onnxruntime", "runs": True, "output_shapes_kept": True},
+        "config": config.to_dict(),
+        "calibration": _calibration_section(calib, samples, config),
+        "params": params,
+        "sparsity": _sparsity_section(config.sparsity, params),
+        "seconds": seconds,
         "output": None,
+        "verify": {"check": "onnxruntime", "runs": True, "output_shapes_kept": True},
+        "plan": plan_dict,
+        "summary": summary.to_dict(),
         "warnings": list(dict.fromkeys(str(w.message) for w in caught)),
+        "graph": {
+            "groups": len(graph.groups),
+            "prunable": len(graph.prunable()),
+            "unknown_ops": graph.unknown_ops,
+        },
+        "opset": {o.domain or "ai.onnx": o.version for o in pruned.opset_import},
     }
     if out is not None:
         import onnx
@@ -204,5 +235,18 @@ def compress_onnx(
             )
         report["output"] = str(out)
         report["bytes"] = sum(f.stat().st_size for f in out.parent.glob(f"{out.name}*") if f.is_file())
-    report["seconds"] = time.perf_counter() - started
+        lap("save")
+    seconds["total"] = time.perf_counter() - started
     return report
+
+
+def _calibration_section(calib: Any, samples: torch.Tensor | None, config: Any) -> dict[str, Any] | None:
+    if samples is None:
+        return None
+    if calib is None:
+        source = f"standard normal (seed {config.seed})"
+    elif isinstance(calib, (str, os.PathLike)):
+        source = str(calib)
+    else:
+        source = "array"
+    return {"source": source, "samples": int(samples.shape[0]), "shape": list(samples.shape)}

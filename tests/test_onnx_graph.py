@@ -66,7 +66,7 @@ def helper_mlp(seed: int = 0):
     """A model written directly with onnx.helper (not from PyTorch).
 
     x[N,8] -> h0 = x Win + bin                                  (a residual stream of 12)
-    a = Relu(Gemm(h0, W1^T, b1)); b = Sigmoid(h0 W2); c = Concat(a, b)   (20 + 10 channels)
+    a = Relu(Gemm(h0, W1^T, b1)); b = Sigmoid(h0 Cast(W2)); c = Concat(a, b)   (20 + 10 channels)
     h1 = h0 + c W3
     d = Tanh(h1 W4 + b4); d1, d2 = Split(d, [8, 8]); e = d1 * d2          (8 paired channels)
     h2 = h1 + e W5
@@ -102,7 +102,8 @@ def helper_mlp(seed: int = 0):
         helper.make_node("Add", ["t0", "inp.bias"], ["h0"], name="inp_bias"),
         helper.make_node("Gemm", ["h0", "fc1.weight", "fc1.bias"], ["t1"], name="fc1", transB=1),
         helper.make_node("Relu", ["t1"], ["a"], name="relu"),
-        helper.make_node("MatMul", ["h0", "fc2.weight"], ["t2"], name="fc2"),
+        helper.make_node("Cast", ["fc2.weight"], ["fc2.weight_f"], name="fc2_cast", to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["h0", "fc2.weight_f"], ["t2"], name="fc2"),
         helper.make_node("Sigmoid", ["t2"], ["b"], name="sigmoid"),
         helper.make_node("Concat", ["a", "b"], ["c"], name="concat", axis=1),
         helper.make_node("MatMul", ["c", "fc3.weight"], ["t3"], name="fc3"),
@@ -231,6 +232,8 @@ def test_helper_model_groups(exported) -> None:
     pairs = graph.groups["fc4:channels"]
     w4 = next(m for m in pairs.members if m.param == "fc4.weight")
     assert w4.dim == 0 and w4.index[0] == [0, 8]  # torch orientation: [out, in], out c pairs with c + 8
+    w2 = next(m for m in graph.groups["fc2:channels"].members if m.param == "fc2.weight")
+    assert w2.role == "producer" and w2.dim == 0  # seen through its Cast as [out, in]
     fc3 = next(m for m in graph.groups["fc2:channels"].members if m.param == "fc3.weight")
     assert fc3.role == "consumer" and fc3.index[0] == [20]  # offset of the second Concat operand
 

@@ -484,21 +484,34 @@ def _role_fn(tr: _OnnxTracer) -> Any:
 
 
 def _name_params(
-    model: Any, inits: dict[str, np.ndarray]
-) -> tuple[dict[str, tuple[str, OnnxParam]], dict[str, str]]:
-    """Which initializers are parameters, their torch-like names and orientation."""
+    model: Any, inits: dict[str, Any]
+) -> tuple[dict[str, tuple[str, OnnxParam]], dict[str, str], str]:
+    """Which initializers are parameters, their torch-like names and orientation, and the
+    export wrapper's prefix that was dropped from every name (``""`` if none)."""
     consumers: dict[str, list[tuple[Any, int]]] = defaultdict(list)
     for node in model.graph.node:
         for k, i in enumerate(node.input):
-            if i in inits:
-                consumers[i].append((node, k))
+            consumers[i].append((node, k))
+
+    def uses_of(value: str, depth: int = 0) -> list[tuple[Any, int]]:
+        """Consumers of ``value``, looking through casts (a float16 weight cast to float32)."""
+        found = []
+        for n, k in consumers.get(value, []):
+            if n.op_type in ("Cast", "CastLike", "Identity") and k == 0 and depth < 4:
+                found += uses_of(n.output[0], depth + 1)
+            else:
+                found.append((n, k))
+        return found
+
     out: dict[str, tuple[str, OnnxParam]] = {}
     used: set[str] = set()
     module_of: dict[str, str] = {}
     for name, arr in inits.items():
         if not _is_float_init(arr) or name not in consumers:
             continue
-        uses = consumers[name]
+        uses = uses_of(name)
+        if not uses:
+            continue
         weightish = [(n, k) for n, k in uses if k in _WEIGHT_INPUTS.get(n.op_type, ())]
         dotted = bool(_DOTTED.match(name))
         if not (weightish or arr.ndim == 1 or dotted):
@@ -588,9 +601,9 @@ def _propagate(
     oshape = tuple(np.shape(out0))
 
     # parameter views stay parameter references
-    if isinstance(iin[0], ParamRef) and op in ("Transpose", "Identity"):
+    if isinstance(iin[0], ParamRef) and op in ("Transpose", "Identity", "Cast", "CastLike"):
         ref: ParamRef = iin[0]
-        if op == "Identity":
+        if op != "Transpose":  # a cast weight (float16 storage) is the same parameter
             return [ref]
         perm = list(_attr(node, "perm", list(range(len(ref.dims)))[::-1]))
         return [ref.permuted(perm)]

@@ -54,6 +54,9 @@ _LAZY = {
     "Runner": "prunecli.calibrate",
     "Observe": "prunecli.calibrate",
     "plan_memory": "prunecli.calibrate.memory",
+    "compress_onnx": "prunecli.onnx.compress",
+    "build_onnx_graph": "prunecli.onnx.graph",
+    "apply_plan_onnx": "prunecli.onnx.apply",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -403,6 +403,11 @@ def compress(
         if _source_name(ctx, param_names.get(key, key)) not in ("DEFAULT", "DEFAULT_MAP", None)
     }
     out = Output(json=json, quiet=quiet)
+    if model is not None and model.lower().endswith(".onnx") and recipe is None:
+        from prunecli.cli.onnx_cmd import compress_onnx_cli
+
+        compress_onnx_cli(given, on_command_line, out)
+        return
     opts, config = resolve_options(given, on_command_line, recipe)
     if opts.nproc > 1 and "WORLD_SIZE" not in os.environ:  # under torchrun the ranks already exist
         from prunecli.calibrate.launch import launch

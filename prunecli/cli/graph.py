@@ -26,6 +26,8 @@ def graph(
 ) -> None:
     """Show the dependency graph of MODEL: its groups by layer, units, parameters per unit.
 
+    MODEL may be an ONNX file (``model.onnx``): its groups come from the ONNX graph itself.
+
     Without --all only prunable groups are listed (also in --json, which prints a JSON
     list with one object per group).
 
@@ -37,6 +39,14 @@ def graph(
     from prunecli.models import load_model
 
     out = Output(json=json)
+    if model.lower().endswith(".onnx"):
+        from prunecli.onnx.graph import build_onnx_graph, load_onnx
+
+        with library_bars_off(), out.progress() as progress, progress.task("tracing the ONNX graph") as task:
+            dep = build_onnx_graph(load_onnx(model))
+            task.advance()
+        _show(out, model, dep, all_groups, json)
+        return
     with library_bars_off(), out.progress() as progress:
         loaded = load_model(
             model,
@@ -49,11 +59,15 @@ def graph(
         with progress.task("tracing the model") as task:
             dep = build_graph(loaded.model)
             task.advance()
+    _show(out, model, dep, all_groups, json)
+
+
+def _show(out: Output, title: str, dep: Any, all_groups: bool, json: bool) -> None:
     groups = [g for g in dep.groups.values() if all_groups or g.prunable]
     if json:
         out.result([g.to_dict() for g in groups])
         return
-    out.result({}, lambda console: render_graph(console, model, dep, groups))
+    out.result({}, lambda console: render_graph(console, title, dep, groups))
 
 
 def render_graph(console: Console, title: str, dep: Any, groups: list[Any]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from collections import defaultdict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -361,13 +361,37 @@ def _table_from_trace(tr: _Tracer) -> AtomTable:
     )
 
 
-def _groups_from_table(model: nn.Module, table: AtomTable, fingerprint: str) -> DependencyGraph:
-    atoms = table.entries
-    parents = table.parents
+@dataclasses.dataclass
+class Naming:
+    """How a graph source names things: parameter order, member roles, layer of a module.
+
+    The torch path reads them from the ``nn.Module`` (:func:`torch_naming`); the ONNX path
+    (:mod:`prunecli.onnx.graph`) from the ops that consume each initializer.
+    """
+
+    order: dict[str, int]
+    role: Callable[[str, int, tuple[int, ...]], str]
+    layer: Callable[[str], int | None]
+
+
+def torch_naming(model: nn.Module) -> Naming:
     modules = _module_types(model)
     names_in_model = dict(model.named_parameters(remove_duplicate=False))
     names_in_model.update(dict(model.named_buffers(remove_duplicate=False)))
-    order = {n: i for i, n in enumerate(names_in_model)}
+    return Naming(
+        order={n: i for i, n in enumerate(names_in_model)},
+        role=lambda p, d, shape: _role(p, d, shape, modules),
+        layer=lambda m: _layer_of(m, modules),
+    )
+
+
+def _groups_from_table(
+    model: nn.Module | None, table: AtomTable, fingerprint: str, naming: Naming | None = None
+) -> DependencyGraph:
+    atoms = table.entries
+    parents = table.parents
+    naming = naming or torch_naming(model)  # type: ignore[arg-type]
+    order = naming.order
 
     child_parent: dict[Hashable, set[Hashable]] = defaultdict(set)
     for p, chs in parents.items():
@@ -385,7 +409,7 @@ def _groups_from_table(model: nn.Module, table: AtomTable, fingerprint: str) -> 
         module = _common_module(params)
         if not module:
             # no common owner (a residual stream): name it after its first producer
-            prod = [p for p, d in sig if _role(p, d, table.shapes[p], modules) == "producer"]
+            prod = [p for p, d in sig if naming.role(p, d, table.shapes[p]) == "producer"]
             first = min(prod or params, key=lambda p: order.get(p, 1 << 30))
             module = first.rsplit(".", 1)[0]
         if any(a in table.heads for a in members):
@@ -414,7 +438,7 @@ def _groups_from_table(model: nn.Module, table: AtomTable, fingerprint: str) -> 
                 param=pname,
                 dim=dim,
                 index=[sorted(ix) for ix in per_member[(pname, dim)]],
-                role=_role(pname, dim, table.shapes[pname], modules),  # type: ignore[arg-type]
+                role=naming.role(pname, dim, table.shapes[pname]),  # type: ignore[arg-type]
                 module=pname.rsplit(".", 1)[0],
                 shape=table.shapes[pname],
             )
@@ -428,7 +452,7 @@ def _groups_from_table(model: nn.Module, table: AtomTable, fingerprint: str) -> 
             name=name,
             kind=kind,  # type: ignore[arg-type]
             module=module,
-            layer=_layer_of(module, modules),
+            layer=naming.layer(module),
             num_units=len(members),
             members=mem_list,
         )

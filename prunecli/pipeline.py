@@ -228,6 +228,12 @@ def resolve_options(
         )
     if not merged.get("method"):
         raise InputError("missing --method", hint="e.g. --method magnitude (or use --recipe)")
+    if str(merged["model"]).lower().endswith(".onnx"):
+        raise InputError(
+            f"{merged['model']}: ONNX models are pruned without a recipe",
+            hint="run `prunecli compress MODEL.onnx --method M --sparsity S -o OUT.onnx` "
+            "(or prunecli.compress_onnx in Python)",
+        )
     for key in ("nsamples", "seqlen", "eval_seqlen", "max_windows", "round_to", "nproc"):
         value = merged.get(key)
         if value is not None and value < 1:

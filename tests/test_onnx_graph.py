@@ -391,6 +391,8 @@ def test_cli_graph_and_compress(exported, tmp_path) -> None:
             ["compress", "{good}", "-m", "magnitude", "-s", "0.3", "--no-verify"],
             "--no-verify is not supported",
         ),
+        (["run", "{recipe}"], "ONNX models are pruned without a recipe"),
+        (["compress", "--recipe", "{recipe}"], "ONNX models are pruned without a recipe"),
     ],
 )
 def test_cli_bad_input(exported, tmp_path, args: list[str], message: str) -> None:
@@ -400,7 +402,11 @@ def test_cli_bad_input(exported, tmp_path, args: list[str], message: str) -> Non
 
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07not an onnx file")
-    argv = [a.format(bad=bad, good=exported["llama"][3]) for a in args]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"model: {exported['llama'][3]}\nmethod: magnitude\nsparsity: 0.3\noutput: {tmp_path / 'o'}\n"
+    )
+    argv = [a.format(bad=bad, good=exported["llama"][3], recipe=recipe) for a in args]
     res = CliRunner().invoke(app, argv)
     assert res.exit_code == 2
     lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]

@@ -215,6 +215,22 @@ def test_final_refit_is_kept_only_when_it_lowers_the_fitness(search_dtype):
     assert "final" not in r0.plan.meta["tyr"] or not r0.plan.meta["tyr"]["final"]
 
 
+def test_locked_groups_keep_their_share_and_the_rest_reaches_the_target():
+    model = tiny_model("llama", seed=1)
+    calib = _calib(model)
+    cfg = TyrConfig(sparsity=0.4, seed=3, ignore=("model.layers.0.mlp*",), final_refit=False, **FAST)
+    r = prune(model, cfg, calib)
+    assert "model.layers.0.mlp:channels" not in r.plan.removals
+    assert abs(r.achieved_sparsity - 0.4) < 0.05  # the other blocks gave up more
+    assert r.plan.meta["tyr"]["searchable_share"] < 1.0
+    with pytest.raises(InputError, match="only"):
+        prune(
+            tiny_model("llama", seed=1),
+            TyrConfig(sparsity=0.9, ignore=("model.layers.*.mlp*",), **FAST),
+            calib,
+        )
+
+
 def test_tyr_beats_uniform_magnitude_on_reconstruction():
     """The refitted supernet candidates keep the model far closer to the dense one than an
     unrefitted uniform magnitude prune at the same sparsity."""

@@ -41,8 +41,9 @@ from prunecli.calibrate import Runner
 from prunecli.config import register_method
 from prunecli.engine.plan import Plan
 from prunecli.engine.select import HeadLayout, _round_keep, selectable_groups
-from prunecli.errors import UnsupportedModelError
+from prunecli.errors import InputError, UnsupportedModelError
 from prunecli.graph import DependencyGraph
+from prunecli.methods._budget import all_block_params
 from prunecli.methods.tyr.config import TyrConfig
 from prunecli.methods.tyr.search import (
     State,
@@ -208,7 +209,18 @@ def prune_tyr(
         )
     assert calib is not None
     variables = variables_of(model, graph, config.ignore)
-    centers = initial_widths(graph, variables, float(config.sparsity), config.round_to)
+    # --sparsity is a share of every attention + MLP block; locked or ignored groups (Gemma-3's
+    # single key/value head, --ignore) keep theirs, so the searchable blocks give up more
+    blocks = all_block_params(model, graph)
+    searchable = sum(v.total for v in variables)
+    share = float(config.sparsity) * blocks / searchable
+    if share >= 1.0:
+        raise InputError(
+            f"tyr cannot remove {config.sparsity:g} of the attention + MLP parameters: only "
+            f"{searchable / blocks:.1%} of them are in groups it may prune",
+            hint="lower --sparsity or --ignore fewer modules",
+        )
+    centers = initial_widths(graph, variables, share, config.round_to)
     rng = random.Random(config.seed)
     order = list(range(calib.shape[0]))
     random.Random(config.seed + 1).shuffle(order)
@@ -290,7 +302,8 @@ def prune_tyr(
     plan.meta["tyr"] = {
         "per_layer_sparsity": {str(k): per_layer[k] for k in sorted(per_layer)},
         "kept_params": cost(variables, best),
-        "block_params": sum(v.total for v in variables),
+        "block_params": searchable,
+        "searchable_share": searchable / blocks,
         "search": history,
         "seconds": seconds,
         "supernet_dir": None if own_dir else str(root),

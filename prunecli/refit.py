@@ -147,6 +147,28 @@ def refit_columns(
     )
 
 
+class OutputShifts:
+    """Forward hooks adding a fixed vector to some modules' outputs, for one block at a time.
+
+    During a pruned-propagation pass the runner reruns a block after ``after_block`` has
+    written its pruned weights; a bias change of a module without a bias is added by a hook
+    instead. ``clear()`` (at the next block, and on exit) removes the hooks, because the
+    runner restores the block afterwards.
+    """
+
+    def __init__(self) -> None:
+        self.handles: list[Any] = []
+
+    def add(self, module: nn.Module, delta: Tensor) -> None:
+        d = delta.to(device=module.weight.device, dtype=module.weight.dtype)
+        self.handles.append(module.register_forward_hook(lambda _m, _a, y, d=d: y + d))
+
+    def clear(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
 def consumer_columns(
     model: nn.Module, graph: DependencyGraph, removals: dict[str, list[int]]
 ) -> dict[str, list[int]]:
@@ -210,12 +232,10 @@ def refit_plan(
     path = found[0]
     requests = {m: Observe(m, "gram") for m in targets}
     results: dict[str, RefitResult] = {}
-    hooks: list[Any] = []
+    shifts = OutputShifts()
 
     def after_block(index: int, _block: nn.Module, obs: dict[Observe, Any]) -> None:
-        for h in hooks:
-            h.remove()
-        hooks.clear()
+        shifts.clear()
         for name, cols in targets.items():
             if block_index(path, name) != index:
                 continue
@@ -229,8 +249,7 @@ def refit_plan(
                 if mod.bias is not None:
                     mod.bias.add_(res.bias_delta.to(mod.bias))
             if mod.bias is None:
-                delta = res.bias_delta.to(device=mod.weight.device, dtype=mod.weight.dtype)
-                hooks.append(mod.register_forward_hook(lambda _m, _a, y, d=delta: y + d))
+                shifts.add(mod, res.bias_delta)
 
     try:
         runner.observe(
@@ -243,8 +262,7 @@ def refit_plan(
             label="refit",
         )
     finally:
-        for h in hooks:
-            h.remove()
+        shifts.clear()
     # the runner restored every block: write the refitted kept columns for good
     with torch.no_grad():
         for name, res in results.items():

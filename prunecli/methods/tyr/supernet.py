@@ -38,7 +38,7 @@ from prunecli.graph import DependencyGraph
 from prunecli.methods.tyr.local import augmented, greedy_path, head_scores
 from prunecli.methods.tyr.search import State, Variable
 from prunecli.progress import Progress
-from prunecli.refit import refit_columns
+from prunecli.refit import OutputShifts, refit_columns
 
 
 def _units(graph: DependencyGraph, var: Variable, consumer: str) -> list[list[int]]:
@@ -175,12 +175,10 @@ def build(
     by_block: dict[int, list[int]] = {}
     for i, v in enumerate(variables):
         by_block.setdefault(block_index(path, v.consumers[0]), []).append(i)
-    hooks: list[Any] = []
+    shifts = OutputShifts()
 
     def after_block(j: int, _block: nn.Module, obs: dict[Observe, Any]) -> None:
-        for h in hooks:
-            h.remove()
-        hooks.clear()
+        shifts.clear()
         for i in by_block.get(j, []):
             var = variables[i]
             grams = {c: obs[requests[c]].matrix for c in var.consumers}
@@ -202,9 +200,7 @@ def build(
             removed, per, _ = cands[var.center]  # expectation error accumulation: the centre level
             write_level(model, graph, var, removed, per)
             for c, (_, b) in per.items():
-                mod = model.get_submodule(c)
-                d = b.to(device=mod.weight.device, dtype=mod.weight.dtype)
-                hooks.append(mod.register_forward_hook(lambda _m, _a, y, d=d: y + d))
+                shifts.add(model.get_submodule(c), b)
 
     try:
         runner.observe(
@@ -217,8 +213,7 @@ def build(
             label="tyr supernet",
         )
     finally:
-        for h in hooks:
-            h.remove()
+        shifts.clear()
 
 
 def graph_block_path(model: nn.Module, modules: list[str]) -> str:

@@ -90,6 +90,45 @@ class DataMethodConfig(MethodConfig):
                 raise InputError(f"{name} must be a positive integer, got {v!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskMethodConfig(MethodConfig):
+    """Options of a method that learns from a labelled task (encoder heads), not calibration text.
+
+    ``--sparsity`` is a share of each layer's attention heads; with ``drop_layers`` it may be
+    ``0`` (drop layers only).
+
+    Args:
+        drop_layers: whole layers to remove (the layer-dropping setting).
+        batch_size: examples per batch.
+        max_length: tokens per example when the CLI reads the task.
+    """
+
+    needs_task: ClassVar[bool] = True
+    sparsity_unit: ClassVar[str] = "heads"
+
+    drop_layers: int = 0
+    batch_size: int = 16
+    max_length: int = 128
+
+    def __post_init__(self) -> None:
+        if (
+            not isinstance(self.drop_layers, int)
+            or isinstance(self.drop_layers, bool)
+            or self.drop_layers < 0
+        ):
+            raise InputError(f"drop_layers must be a non-negative integer, got {self.drop_layers!r}")
+        if self.drop_layers > 0 and self.sparsity == 0:
+            object.__setattr__(self, "sparsity", 0.5)  # validated like any sparsity, then restored
+            super().__post_init__()
+            object.__setattr__(self, "sparsity", 0.0)
+        else:
+            super().__post_init__()
+        for name in ("batch_size", "max_length"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"{name} must be a positive integer, got {v!r}")
+
+
 def register_method(config_cls: type[MethodConfig]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register ``fn(model, graph, config, calib) -> Plan`` as the method for ``config_cls``."""
 

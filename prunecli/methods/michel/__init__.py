@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from prunecli.config import MethodConfig, register_method
+from prunecli.config import TaskMethodConfig, register_method
 from prunecli.engine import Plan
 from prunecli.engine.select import selectable_groups
 from prunecli.errors import DataError, InputError, UnsupportedModelError
@@ -39,42 +39,24 @@ from prunecli.progress import Progress, resolve
 
 
 @dataclasses.dataclass(frozen=True)
-class MichelConfig(MethodConfig):
+class MichelConfig(TaskMethodConfig):
     """Iterative gradient head importance (needs a labelled task).
 
     Args:
         sparsity: share of each layer's heads to remove (``0`` with ``drop_layers``).
-        drop_layers: whole layers to remove instead (the layer-dropping setting).
+        drop_layers / batch_size / max_length: see :class:`~prunecli.config.TaskMethodConfig`.
         iterations: pruning rounds, importance recomputed after each.
         batches: task batches per importance estimate.
-        batch_size: examples per batch.
-        max_length: tokens per example when the CLI reads the task.
     """
 
     method: ClassVar[str] = "michel"
-    needs_task: ClassVar[bool] = True
-    sparsity_unit: ClassVar[str] = "heads"
 
-    drop_layers: int = 0
     iterations: int = 3
     batches: int = 8
-    batch_size: int = 16
-    max_length: int = 128
 
     def __post_init__(self) -> None:
-        if (
-            not isinstance(self.drop_layers, int)
-            or isinstance(self.drop_layers, bool)
-            or self.drop_layers < 0
-        ):
-            raise InputError(f"drop_layers must be a non-negative integer, got {self.drop_layers!r}")
-        if self.drop_layers > 0 and self.sparsity == 0:
-            object.__setattr__(self, "sparsity", 0.5)
-            super().__post_init__()
-            object.__setattr__(self, "sparsity", 0.0)
-        else:
-            super().__post_init__()
-        for name in ("iterations", "batches", "batch_size", "max_length"):
+        super().__post_init__()
+        for name in ("iterations", "batches"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InputError(f"{name} must be a positive integer, got {v!r}")

@@ -64,10 +64,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from prunecli.config import MethodConfig, register_method
+from prunecli.config import TaskMethodConfig, register_method
 from prunecli.engine import Plan
 from prunecli.engine.select import selectable_groups
-from prunecli.errors import DataError, InputError, SparsityError, UnsupportedModelError
+from prunecli.errors import DataError, InputError, UnsupportedModelError
 from prunecli.graph import DependencyGraph
 from prunecli.methods._heads import HeadSite, gated_heads, head_sites, token_mask, uniform_head_removal
 from prunecli.methods.shrp import scoring
@@ -75,59 +75,38 @@ from prunecli.progress import Progress, resolve
 
 
 @dataclasses.dataclass(frozen=True)
-class ShrpConfig(MethodConfig):
+class ShrpConfig(TaskMethodConfig):
     """SHRP head routing and pruning for encoders (needs a labelled task, not calibration text).
 
     Args:
         sparsity: share of each layer's attention heads to remove (``0`` with ``drop_layers``:
             drop layers only).
-        drop_layers: whole layers to remove (the layer-dropping setting).
+        drop_layers / batch_size / max_length: see :class:`~prunecli.config.TaskMethodConfig`
+            (``batch_size``: examples per step).
         steps: routing fine-tuning steps (balance + specialisation).
         balance_share: share of ``steps`` spent on load balancing.
         balance_weight / specialise_weight: weights of the two auxiliary losses.
         lr: learning rate of the model's weights; router_lr: of the routers and expanders.
-        batch_size: examples per step.
-        max_length: tokens per example when the CLI reads the task.
     """
 
     method: ClassVar[str] = "shrp"
-    needs_task: ClassVar[bool] = True
-    sparsity_unit: ClassVar[str] = "heads"
 
-    drop_layers: int = 0
     steps: int = 100
     balance_share: float = 0.5
     balance_weight: float = 0.01
     specialise_weight: float = 1.0
     lr: float = 1e-4
     router_lr: float = 1e-2
-    batch_size: int = 16
-    max_length: int = 128
 
     def __post_init__(self) -> None:
-        if (
-            not isinstance(self.drop_layers, int)
-            or isinstance(self.drop_layers, bool)
-            or self.drop_layers < 0
-        ):
-            raise InputError(f"drop_layers must be a non-negative integer, got {self.drop_layers!r}")
-        if self.drop_layers > 0 and self.sparsity == 0:
-            object.__setattr__(self, "sparsity", 0.5)  # validated like any sparsity, then restored
-            super().__post_init__()
-            object.__setattr__(self, "sparsity", 0.0)
-        else:
-            super().__post_init__()
-        for name in ("steps", "batch_size", "max_length"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "steps" else 1):
-                raise InputError(f"{name} must be a positive integer, got {v!r}")
+        super().__post_init__()
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise InputError(f"steps must be a positive integer, got {self.steps!r}")
         if not 0.0 <= self.balance_share <= 1.0:
             raise InputError(f"balance_share must be in [0, 1], got {self.balance_share}")
         for name in ("balance_weight", "specialise_weight", "lr", "router_lr"):
             if not getattr(self, name) >= 0:
                 raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.sparsity >= 1.0:
-            raise SparsityError("sparsity must be below 1")
 
 
 class _Routers(nn.Module):
